@@ -1,0 +1,1 @@
+"""Entropy-guided FlexLoRA for the Hugging Face stack."""
