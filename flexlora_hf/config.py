@@ -1,0 +1,210 @@
+"""`FlexLoRAConfig`: every hyper-parameter of entropy-guided FlexLoRA, validated, with help strings.
+
+The dataclass is the single source of truth for adapter shape (``r``, ``lora_alpha``, targets), the reallocation
+schedule (eq. 4: ``b0``, ``t_warmup``, ``t_final``, ``delta_t``, ``total_steps``), the regulariser (eq. 2: γ) and
+the paper's ablation switches (Tables 4-6, App. G). ``HfArgumentParser`` turns it into command-line flags, and it
+round-trips through JSON (``to_dict`` / ``from_dict`` / ``save_pretrained`` / ``from_pretrained``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_NAME = "flexlora_config.json"
+
+IMPORTANCE_METRICS = ("entropy", "nuclear", "frobenius", "elem_energy_entropy", "mat_energy_entropy")
+ALLOCATIONS = ("bidirectional", "prune_only", "expand_only")
+EXPANSION_INITS = ("zero_impact", "small", "zero", "orthogonal")
+SCHEDULES = ("paper", "window", "constant")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"FlexLoRAConfig.{name}={value!r} is not supported; choose one of {', '.join(choices)}.")
+
+
+@dataclass
+class FlexLoRAConfig:
+    """Configuration of a FlexLoRA adapter and of its rank reallocation schedule.
+
+    Field names follow PEFT's `LoraConfig` where the concept is the same (`r`, `lora_alpha`, `lora_dropout`,
+    `target_modules`, `modules_to_save`) and the paper's notation otherwise (`b0` is the paper's *b*, `t_warmup`,
+    `t_final`, `delta_t` are T_warmup, T_final and Δ_T of Appendix D). Invalid values raise `ValueError` naming the
+    field and the fix.
+    """
+
+    r: int = field(default=8, metadata={"help": "Initial rank of every adapted matrix (paper: r)."})
+    lora_alpha: float = field(
+        default=16.0,
+        metadata={"help": "Scaling numerator: ΔW is scaled by lora_alpha / r with the *initial* r, fixed for the run."},
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout applied to the adapter input."})
+    target_modules: Any = field(
+        default=None,
+        metadata={
+            "help": "Modules to adapt: a list of names (suffix match, as in PEFT), a regex string (full match on "
+            "the module path), or 'all-linear' (every linear layer except the output head). None picks the "
+            "attention/MLP projections of known architectures."
+        },
+    )
+    modules_to_save: Any = field(
+        default=None,
+        metadata={"help": "Extra modules (e.g. a classifier head) that are trained in full and saved with the adapter."},
+    )
+    b0: int = field(
+        default=4, metadata={"help": "Paper's b: the largest number of directions pruned and expanded per event."}
+    )
+    t_warmup: int = field(
+        default=500, metadata={"help": "Optimizer steps before the first reallocation event (paper: T_warmup)."}
+    )
+    t_final: int = field(
+        default=500, metadata={"help": "Optimizer steps at the end with frozen ranks (paper: T_final)."}
+    )
+    delta_t: int = field(default=100, metadata={"help": "Optimizer steps between reallocation events (paper: Δ_T)."})
+    total_steps: int | None = field(
+        default=None,
+        metadata={"help": "Total optimizer steps T. Leave unset with FlexLoRATrainer: it uses the Trainer's max_steps."},
+    )
+    orth_reg_weight: float = field(
+        default=0.1, metadata={"help": "γ, weight of the orthogonality regulariser of eq. 2 (the paper gives no value; 0.1 is AdaLoRA's GLUE setting)."}
+    )
+    min_rank: int = field(
+        default=1, metadata={"help": "A matrix is never pruned below this rank (paper: 1). 0 allows dropping a module."}
+    )
+    max_rank: Any = field(
+        default=None,
+        metadata={
+            "help": "Per-module rank cap (int, or mapping module path -> int). None derives the exact cap "
+            "r + number of scheduled events, bounded by min(d_in, d_out)."
+        },
+    )
+    importance: str = field(
+        default="entropy",
+        metadata={"help": f"Importance metric: one of {', '.join(IMPORTANCE_METRICS)} (eq. 3; Table 4; App. G)."},
+    )
+    allocation: str = field(
+        default="bidirectional",
+        metadata={"help": f"Reallocation mode: one of {', '.join(ALLOCATIONS)} (Table 5)."},
+    )
+    expansion_init: str = field(
+        default="zero_impact",
+        metadata={"help": f"Initialisation of new directions: one of {', '.join(EXPANSION_INITS)} (Table 6)."},
+    )
+    schedule: str = field(
+        default="paper",
+        metadata={
+            "help": "Budget curve b(t): 'paper' is eq. 4 literally; 'window' normalises the cubic over the "
+            "reallocation window so it reaches 0 at T - t_final (AdaLoRA's shape); 'constant' keeps b0."
+        },
+    )
+    init_scale: float = field(
+        default=0.02,
+        metadata={"help": "Std of the Gaussian initial P, Q and of new directions (AdaLoRA/paper: 0.02)."},
+    )
+    small_init_value: float = field(
+        default=1e-3, metadata={"help": "λ given to a new direction when expansion_init='small'."}
+    )
+    entropy_eps: float = field(default=1e-12, metadata={"help": "ε inside log(s_i + ε) of eq. 3."})
+    seed: int = field(default=0, metadata={"help": "Seed for initial directions and for every expansion draw."})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, n_modules: int | None = None) -> None:
+        """Check every field; with `n_modules` also check that the budget fits the number of adapted matrices.
+
+        Raises:
+            ValueError: naming the field, the offending value and the fix.
+        """
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"FlexLoRAConfig.r={self.r!r} must be a positive integer (e.g. r=8).")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"FlexLoRAConfig.lora_alpha={self.lora_alpha!r} must be > 0 (paper uses 16).")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"FlexLoRAConfig.lora_dropout={self.lora_dropout!r} must be in [0, 1).")
+        if not isinstance(self.b0, int) or self.b0 < 0:
+            raise ValueError(f"FlexLoRAConfig.b0={self.b0!r} must be an integer >= 0 (paper uses 4).")
+        for name in ("t_warmup", "t_final"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"FlexLoRAConfig.{name}={getattr(self, name)!r} must be >= 0.")
+        if self.delta_t < 1:
+            raise ValueError(f"FlexLoRAConfig.delta_t={self.delta_t!r} must be >= 1.")
+        if self.total_steps is not None:
+            if self.total_steps < 1:
+                raise ValueError(f"FlexLoRAConfig.total_steps={self.total_steps!r} must be >= 1.")
+            if self.t_warmup + self.t_final >= self.total_steps:
+                raise ValueError(
+                    f"FlexLoRAConfig: t_warmup + t_final = {self.t_warmup} + {self.t_final} >= total_steps = "
+                    f"{self.total_steps}, so no reallocation can happen. Lower t_warmup/t_final or train longer."
+                )
+        if self.orth_reg_weight < 0:
+            raise ValueError(f"FlexLoRAConfig.orth_reg_weight={self.orth_reg_weight!r} must be >= 0.")
+        if not isinstance(self.min_rank, int) or self.min_rank < 0 or self.min_rank > self.r:
+            raise ValueError(f"FlexLoRAConfig.min_rank={self.min_rank!r} must be an integer in [0, r={self.r}].")
+        caps = self.max_rank.values() if isinstance(self.max_rank, dict) else [self.max_rank]
+        for cap in caps:
+            if cap is not None and (not isinstance(cap, int) or cap < self.r):
+                raise ValueError(
+                    f"FlexLoRAConfig.max_rank={cap!r} must be an integer >= r={self.r} (or None to derive it)."
+                )
+        _check_choice("importance", self.importance, IMPORTANCE_METRICS)
+        _check_choice("allocation", self.allocation, ALLOCATIONS)
+        _check_choice("expansion_init", self.expansion_init, EXPANSION_INITS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        if self.init_scale <= 0:
+            raise ValueError(f"FlexLoRAConfig.init_scale={self.init_scale!r} must be > 0.")
+        if self.entropy_eps < 0:
+            raise ValueError(f"FlexLoRAConfig.entropy_eps={self.entropy_eps!r} must be >= 0.")
+        if n_modules is not None:
+            needed = 2 * self.b0 if self.allocation == "bidirectional" else self.b0
+            if needed > n_modules:
+                raise ValueError(
+                    f"FlexLoRAConfig.b0={self.b0} needs {needed} adapted matrices per event "
+                    f"({self.allocation}) but the model has {n_modules}. Use b0 <= "
+                    f"{n_modules // 2 if self.allocation == 'bidirectional' else n_modules} or target more modules."
+                )
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict of all fields."""
+        out = dataclasses.asdict(self)
+        if isinstance(out["target_modules"], (set, tuple)):
+            out["target_modules"] = sorted(out["target_modules"])
+        if isinstance(out["modules_to_save"], (set, tuple)):
+            out["modules_to_save"] = list(out["modules_to_save"])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlexLoRAConfig:
+        """Build a config from `to_dict()` output; unknown keys raise so typos are not silently ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"Unknown FlexLoRAConfig field(s): {', '.join(unknown)}. Known: {', '.join(sorted(names))}.")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+            f.write(self.to_json_string() + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> FlexLoRAConfig:
+        path = os.path.join(directory, CONFIG_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}: not a FlexLoRA adapter directory.")
+        with open(path) as f:
+            data = json.load(f)
+        return cls.from_dict({k: v for k, v in data.items() if not k.startswith("_")})
+
+    def resolved(self, total_steps: int) -> FlexLoRAConfig:
+        """A copy with `total_steps` filled in (and validated against the window)."""
+        return dataclasses.replace(self, total_steps=total_steps)
