@@ -42,7 +42,7 @@ def is_supported_layer(layer: nn.Module) -> bool:
 def layer_shape(layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a supported layer."""
     if _is_conv1d(layer):
-        w = layer.weight  # (in, out)
+        w: Any = layer.weight  # (in, out)
         return int(w.shape[0]), int(w.shape[1])
     return int(layer.in_features), int(layer.out_features)  # type: ignore[arg-type]
 
