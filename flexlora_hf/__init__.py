@@ -9,13 +9,17 @@ from .importance import importance, importance_batched, spectral_entropy
 from .layer import FlexLoRALayer
 from .model import FlexLoRAModel, get_flexlora_model
 from .schedule import budget_at, event_steps, is_event_step
+from .trainer import FlexLoRACallback, FlexLoRATrainer, FlexLoRATrainerMixin
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FlexLoRACallback",
     "FlexLoRAConfig",
     "FlexLoRALayer",
     "FlexLoRAModel",
+    "FlexLoRATrainer",
+    "FlexLoRATrainerMixin",
     "ReallocationPlan",
     "budget_at",
     "event_steps",

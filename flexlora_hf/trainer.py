@@ -118,7 +118,7 @@ class FlexLoRACallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         fm = unwrap_flexlora(kwargs["model"])
-        write_rank_history(fm, args.output_dir)
+        write_rank_history(fm, args.output_dir or ".")
 
 
 def run_event(fm: FlexLoRAModel, b: int, step: int, optimizer: Any = None) -> dict[str, Any]:
