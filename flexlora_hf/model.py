@@ -21,6 +21,7 @@ from .allocation import ReallocationPlan
 from .config import FlexLoRAConfig
 from .importance import importance_batched
 from .layer import FlexLoRALayer, is_supported_layer, layer_shape
+from .quantization import guard_bnb_cpu
 from .schedule import event_steps
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class FlexLoRAModel(nn.Module):
 
         for p in model.parameters():
             p.requires_grad_(False)
+        guard_bnb_cpu(model)  # bitsandbytes 0.50 on CPU: an eval no-grad pass would silently zero 4-bit grads
         names = find_target_modules(model, config)
         gen = torch.Generator().manual_seed(config.seed)
         for name in names:
