@@ -1,0 +1,248 @@
+"""FlexLoRATrainer / FlexLoRACallback behaviour on tiny random models (real Trainer runs, no mocks)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from trainer_utils import cls_dataset, lm_dataset, tiny_bert, tiny_llama, training_args
+from transformers import Trainer, TrainerCallback
+
+from flexlora_hf import FlexLoRACallback, FlexLoRAConfig, FlexLoRATrainer, get_flexlora_model
+from flexlora_hf.allocation import ReallocationPlan
+from flexlora_hf.optim_surgery import unwrap_optimizer
+
+SCHED = dict(r=4, lora_alpha=8, b0=2, t_warmup=4, t_final=4, delta_t=2, schedule="constant")
+
+
+def _run(model, tmp_path, ds, cfg_kwargs=None, callbacks=None, **arg_overrides):
+    cfg = FlexLoRAConfig(**{**SCHED, **(cfg_kwargs or {})})
+    trainer = FlexLoRATrainer(
+        model=model,
+        args=training_args(str(tmp_path), **arg_overrides),
+        train_dataset=ds,
+        flexlora_config=cfg,
+        callbacks=callbacks,
+    )
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_events_move_ranks_and_conserve_total(tmp_path, kind):
+    model, ds = (tiny_llama(), lm_dataset()) if kind == "llama" else (tiny_bert(), cls_dataset())
+    trainer = _run(model, tmp_path, ds)
+    fm = trainer.flexlora_model
+    hist = fm.rank_history
+    # constant b0=2 on steps 6, 8, ..., 20 (window (4, 20], grid 2)
+    assert [h["step"] for h in hist] == list(range(6, 21, 2))
+    initial_total = 4 * len(fm.module_names)
+    for h in hist:
+        assert sum(h["ranks"].values()) == initial_total
+        assert len(h["prune"]) == len(h["expand"]) <= 2
+        assert not set(h["prune"]) & set(h["expand"])
+    assert fm.total_rank() == initial_total
+    assert fm.rank_map() != {n: 4 for n in fm.module_names}
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
+    # written at train end: the JSON record of every event
+    with open(os.path.join(tmp_path, "rank_history.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(hist))
+    logged = [e for e in trainer.state.log_history if "flexlora/moves" in e]
+    assert logged and all("orth_reg" in e for e in logged)
+
+
+def test_inactive_slots_stay_exactly_zero_with_zero_moments(tmp_path):
+    trainer = _run(tiny_llama(), tmp_path, lm_dataset())
+    opt = unwrap_optimizer(trainer.optimizer)
+    pruned_any = False
+    for _, layer in trainer.flexlora_model.flexlora_layers():
+        off = ~layer.lora_active
+        pruned_any |= bool(off[: layer.r_init].any())
+        assert torch.equal(layer.lora_P[:, off], torch.zeros_like(layer.lora_P[:, off]))
+        assert torch.equal(layer.lora_lam[off], torch.zeros_like(layer.lora_lam[off]))
+        assert torch.equal(layer.lora_Q[off], torch.zeros_like(layer.lora_Q[off]))
+        for p, dim in ((layer.lora_P, 1), (layer.lora_lam, 0), (layer.lora_Q, 0)):
+            st = opt.state[p]
+            idx = torch.nonzero(off).flatten()
+            assert torch.equal(st["exp_avg"].index_select(dim, idx), torch.zeros_like(st["exp_avg"].index_select(dim, idx)))
+    assert pruned_any, "the schedule should have pruned at least one initial direction"
+
+
+class _StateSnapshot(TrainerCallback):
+    """Copies optimizer state / LR right before and right after the FlexLoRA callback's on_step_end."""
+
+    def __init__(self, store, key):
+        self.store, self.key = store, key
+
+    def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        opt = unwrap_optimizer(optimizer)
+        self.store.setdefault(state.global_step, {})[self.key] = {
+            id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in opt.state.items()
+        }
+        self.store[state.global_step][self.key + "_lr"] = lr_scheduler.get_last_lr()
+
+
+def test_untouched_moments_bit_identical_and_lr_unchanged(tmp_path):
+    store: dict = {}
+    before = _StateSnapshot(store, "before")
+    cfg = FlexLoRAConfig(**SCHED)
+    trainer = FlexLoRATrainer(
+        model=tiny_llama(),
+        args=training_args(str(tmp_path)),
+        train_dataset=lm_dataset(),
+        flexlora_config=cfg,
+        callbacks=[before],  # runs before the FlexLoRA callback, which is appended after user callbacks
+    )
+    trainer.add_callback(_StateSnapshot(store, "after"))
+    trainer.train()
+    fm = trainer.flexlora_model
+    touched_params = {}
+    for h in fm.rank_history:
+        for name in h["prune"] + h["expand"]:
+            layer = fm.base_model.get_submodule(name)
+            touched_params.setdefault(h["step"], set()).update(
+                {id(layer.lora_P), id(layer.lora_lam), id(layer.lora_Q)}
+            )
+    assert touched_params
+    for step, snap in store.items():
+        b, a = snap["before"], snap["after"]
+        assert snap["before_lr"] == snap["after_lr"]
+        for pid in b:
+            for k in b[pid]:
+                if pid in touched_params.get(step, set()) and k != "step":
+                    continue
+                assert torch.equal(b[pid][k], a[pid][k]), (step, k)
+    # The LR schedule of a run with events equals the one without any event.
+    lrs_events = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
+    plain = _run(tiny_llama(), tmp_path / "plain", lm_dataset(), cfg_kwargs={"b0": 0})
+    lrs_plain = [e["learning_rate"] for e in plain.state.log_history if "learning_rate" in e]
+    assert lrs_events == lrs_plain
+    assert plain.flexlora_model.rank_history == []
+
+
+def test_new_direction_leaves_output_unchanged():
+    fm = get_flexlora_model(tiny_llama(), FlexLoRAConfig(**SCHED, total_steps=24))
+    with torch.no_grad():
+        for _, layer in fm.flexlora_layers():
+            layer.lora_lam[:4] = torch.randn(4)
+    x = torch.randint(0, 64, (2, 9))
+    before = fm(input_ids=x).logits
+    names = fm.module_names[:3]
+    fm.apply_plan(ReallocationPlan(expand=tuple(names)), step=6)
+    assert torch.equal(fm(input_ids=x).logits, before)
+    assert [fm.rank_map()[n] for n in names] == [5, 5, 5]
+
+
+def test_gradient_accumulation_gives_same_rank_decisions(tmp_path):
+    a = _run(tiny_llama(), tmp_path / "a", lm_dataset(), per_device_train_batch_size=8)
+    b = _run(
+        tiny_llama(), tmp_path / "b", lm_dataset(), per_device_train_batch_size=4, gradient_accumulation_steps=2
+    )
+    ha, hb = a.flexlora_model.rank_history, b.flexlora_model.rank_history
+    assert [(h["step"], h["prune"], h["expand"]) for h in ha] == [(h["step"], h["prune"], h["expand"]) for h in hb]
+    assert a.flexlora_model.rank_map() == b.flexlora_model.rank_map()
+    for (_, la), (_, lb) in zip(a.flexlora_model.flexlora_layers(), b.flexlora_model.flexlora_layers(), strict=True):
+        torch.testing.assert_close(la.lora_lam, lb.lora_lam, atol=1e-4, rtol=1e-3)
+
+
+def _first_step_grads(tmp_path, make_model, ds, gamma, ga, compute_loss_func=None):
+    """Gradients of every adapter P right before the first optimizer step."""
+    grads = {}
+
+    class Grab(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 0:
+                grads.update({n: p.grad.clone() for n, p in model.named_parameters() if "lora_P" in n})
+
+    trainer = FlexLoRATrainer(
+        model=make_model(),
+        args=training_args(
+            str(tmp_path), per_device_train_batch_size=8 // ga, gradient_accumulation_steps=ga, max_steps=12
+        ),
+        train_dataset=ds,
+        flexlora_config=FlexLoRAConfig(**{**SCHED, "orth_reg_weight": gamma}),
+        callbacks=[Grab()],
+        compute_loss_func=compute_loss_func,
+    )
+    trainer.train()
+    return grads
+
+
+def _causal_loss(outputs, labels, num_items_in_batch=None):
+    logits = outputs.logits[:, :-1].flatten(0, 1)
+    loss = torch.nn.functional.cross_entropy(logits, labels[:, 1:].flatten(), reduction="sum")
+    return loss / num_items_in_batch
+
+
+@pytest.mark.parametrize("ga", [1, 2])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "llama_num_items",  # model accepts loss kwargs: Trainer does not divide by GA, we must
+        "bert_mean_loss",  # plain mean loss: Trainer divides the whole loss (ours included) by GA
+        "llama_compute_loss_func",  # user loss function: same rule as num_items
+    ],
+)
+def test_orth_term_enters_each_optimizer_step_once(tmp_path, ga, case):
+    # grad(γ=1) - grad(γ=0) at the first step must be exactly ∇R whatever GA / loss scaling the Trainer applies.
+    make, ds = (tiny_bert, cls_dataset()) if case == "bert_mean_loss" else (tiny_llama, lm_dataset())
+    fn = _causal_loss if case == "llama_compute_loss_func" else None
+    g1 = _first_step_grads(tmp_path / "g1", make, ds, 1.0, ga, fn)
+    g0 = _first_step_grads(tmp_path / "g0", make, ds, 0.0, ga, fn)
+    fm = get_flexlora_model(make(), FlexLoRAConfig(**SCHED, total_steps=12))
+    fm.finalize_capacity(12)
+    fm.orth_reg().backward()
+    expected = {n: p.grad for n, p in fm.named_parameters() if "lora_P" in n}
+    assert expected.keys() == g1.keys()
+    for n, grad in expected.items():
+        torch.testing.assert_close(g1[n] - g0[n], grad, atol=2e-5, rtol=1e-3)
+
+
+def test_trainer_subclass_with_callback_performs_events(tmp_path):
+    class MyTrainer(Trainer):
+        pass
+
+    fm = get_flexlora_model(tiny_bert(), FlexLoRAConfig(**SCHED, total_steps=24))
+    trainer = MyTrainer(
+        model=fm, args=training_args(str(tmp_path)), train_dataset=cls_dataset(), callbacks=[FlexLoRACallback()]
+    )
+    trainer.train()
+    assert len(fm.rank_history) == 8
+    assert fm.total_rank() == 4 * len(fm.module_names)
+
+
+def test_callback_without_capacity_fails_at_start(tmp_path):
+    fm = get_flexlora_model(tiny_bert(), FlexLoRAConfig(**SCHED))
+    trainer = Trainer(
+        model=fm, args=training_args(str(tmp_path)), train_dataset=cls_dataset(), callbacks=[FlexLoRACallback()]
+    )
+    with pytest.raises(ValueError, match="total_steps or max_rank"):
+        trainer.train()
+
+
+def test_impossible_schedule_fails_at_train_start(tmp_path):
+    with pytest.raises(ValueError, match="t_warmup \\+ t_final"):
+        _run(tiny_bert(), tmp_path, cls_dataset(), cfg_kwargs={"t_warmup": 12, "t_final": 12})
+    with pytest.raises(ValueError, match="no event"):
+        _run(tiny_bert(), tmp_path, cls_dataset(), cfg_kwargs={"delta_t": 50})
+    with pytest.raises(ValueError, match="b0"):
+        _run(tiny_bert(), tmp_path, cls_dataset(), cfg_kwargs={"b0": 100})
+
+
+def test_orth_reg_applied_with_label_smoothing(tmp_path):
+    trainer = _run(tiny_bert(), tmp_path, cls_dataset(), label_smoothing_factor=0.1)
+    assert any("orth_reg" in e for e in trainer.state.log_history)
+
+
+def test_lambda_is_not_weight_decayed(tmp_path):
+    trainer = _run(tiny_bert(), tmp_path, cls_dataset(), weight_decay=0.1, max_steps=8, cfg_kwargs={"t_warmup": 2, "t_final": 2})
+    opt = unwrap_optimizer(trainer.optimizer)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for _, layer in trainer.flexlora_model.flexlora_layers():
+        assert id(layer.lora_lam) not in decayed
+        assert id(layer.lora_P) in decayed and id(layer.lora_Q) in decayed
