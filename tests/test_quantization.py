@@ -264,6 +264,27 @@ def test_flexlora_trainer_on_4bit_base_keeps_gradients_across_evaluation(tmp_pat
     grads = lora_grads(fm, ids)
     assert all(v > 0 for n, v in grads.items() if "lora_Q" in n), grads
 
+    # Save (native + PEFT view), reload on a fresh 4-bit base both ways: same outputs.
+    from peft import PeftModel
+
+    from flexlora_hf import FlexLoRAModel
+
+    out_dir = tmp_path / "adapter"
+    fm.save_pretrained(str(out_dir))
+    assert (out_dir / "flexlora_config.json").is_file() and (out_dir / "adapter_config.json").is_file()
+    fm.eval()
+    with torch.no_grad():
+        expected = fm(input_ids=ids).logits
+    reloaded = FlexLoRAModel.from_pretrained(load_base_model(tiny_dir, load_in_4bit=True), str(out_dir))
+    assert reloaded.rank_map() == fm.rank_map()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+    peft_base = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=make_bnb_config(torch.float32))
+    guard_bnb_cpu(peft_base)  # same fp32 4-bit kernel as ours (unguarded eval on this CPU runs a bf16 kernel)
+    peft_model = PeftModel.from_pretrained(peft_base, str(out_dir)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
 
 @pytest.mark.skipif(not HAS_AVX512_BF16, reason="the bitsandbytes CPU defect needs AVX512-BF16")
 def test_without_the_guard_training_silently_stops_after_evaluation(tmp_path, tiny_dir, monkeypatch):
