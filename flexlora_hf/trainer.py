@@ -209,6 +209,11 @@ class FlexLoRATrainerMixin:
         self._orth_sum = 0.0
         self._orth_count = 0
         super().__init__(*args, **kwargs)
+        targs = self.args  # type: ignore[attr-defined]
+        if targs.ddp_find_unused_parameters is None and not targs.gradient_checkpointing:
+            # Trainer defaults to True for non-PreTrainedModel wrappers; every adapter slot is in the graph (masked
+            # slots too), so the extra autograd traversal is pure cost.
+            targs.ddp_find_unused_parameters = False
 
     @property
     def flexlora_model(self) -> FlexLoRAModel:
