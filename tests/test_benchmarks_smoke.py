@@ -1,0 +1,85 @@
+"""Smoke tests for the benchmarks package: the quick cost benchmark on the tiny model and the quality run plan.
+
+No timing is asserted (CI machines are noisy); we check that the benchmark runs end to end in a few seconds, that
+every method is stepped, that FlexLoRA's reallocation events and AdaLoRA's allocation happen inside the timed
+window, and that the JSON record has the keys `docs/benchmarks.md` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `benchmarks` is a top-level package of the repository, not of the wheel
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+SUMMARY_KEYS = {"median", "q25", "q75", "n"}
+
+
+@pytest.fixture(scope="module")
+def cost_result(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from benchmarks import cost
+
+    out = tmp_path_factory.mktemp("cost") / "cost.json"
+    argv = [
+        "--model", "tiny", "--repeats", "2", "--steps", "1", "--warmup", "1", "--batch-size", "2", "--seq-len", "16",
+        "--memory", "inprocess", "--device", "cpu", "--output", str(out),
+    ]  # fmt: skip
+    result = cost.run(argv)
+    result["_output"] = str(out)
+    return result
+
+
+def test_cost_tiny_reports_every_method(cost_result: dict) -> None:
+    timing = cost_result["timing"]
+    assert set(timing) == {"lora", "flexlora", "adalora"}
+    for method, entry in timing.items():
+        for key in ("step_s", "cpu_s", "alloc_s", "alloc_cpu_s", "step_s_ratio_to_lora", "cpu_s_ratio_to_lora"):
+            assert set(entry[key]) >= SUMMARY_KEYS, (method, key)
+            assert entry[key]["n"] == 2
+        assert entry["step_s"]["median"] > 0
+        assert entry["params"]["active"] > 0
+    assert timing["lora"]["step_s_ratio_to_lora"]["median"] == pytest.approx(1.0)
+
+
+def test_cost_tiny_events_are_inside_the_timed_window(cost_result: dict) -> None:
+    flex = cost_result["timing"]["flexlora"]
+    assert flex["events"] == 2  # one per timed step (repeats x steps), none during warm-up
+    assert flex["final_total_rank"] == 8 * 10  # bidirectional events conserve the total rank (2 layers x 5 targets)
+    assert flex["alloc_s"]["median"] > 0
+    assert cost_result["timing"]["adalora"]["alloc_s"]["median"] > 0
+    assert cost_result["timing"]["lora"]["alloc_s"]["median"] == 0
+
+
+def test_cost_tiny_memory_and_output(cost_result: dict) -> None:
+    memory = cost_result["memory"]
+    assert set(memory) == {"lora", "flexlora", "adalora"}
+    for entry in memory.values():
+        assert {"kind", "peak_mib", "start_mib", "delta_mib", "delta_ratio_to_lora", "peak_ratio_to_lora"} <= set(entry)
+    on_disk = json.loads(Path(cost_result["_output"]).read_text())
+    assert on_disk["timing"].keys() == cost_result["timing"].keys()
+    assert on_disk["adapter_spec"]["adalora_init_r"] == 8
+    from benchmarks.cost import format_table
+
+    assert format_table(cost_result).count("\n") == 4  # header, rule, three methods
+
+
+def test_quality_plan_and_method_parsing() -> None:
+    from benchmarks import quality
+
+    args = quality.parse_args([])
+    runs = quality.all_runs(args)
+    assert len(runs) == 3 * 3 * 3 + 7 * 3
+    assert len({quality.run_key(r) for r in runs}) == len(runs)
+    assert quality.parse_method("flexlora:importance=nuclear") == ("flexlora", {"importance": "nuclear"})
+    assert quality.parse_method("lora") == ("lora", {})
+    sched = quality.schedule(200)
+    assert sched == {"t_warmup": 40, "t_final": 40, "delta_t": 10}
