@@ -8,6 +8,7 @@ seam where a pure `ReallocationPlan` meets the tensors. Saving, loading, export 
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import re
@@ -133,6 +134,7 @@ class FlexLoRAModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: FlexLoRAConfig) -> None:
         super().__init__()
+        config = copy.deepcopy(config)  # the model owns its config (total_steps, caps are filled in later)
         if config.modules_to_save is None:
             config.modules_to_save = default_modules_to_save(model)
         self.base_model = model

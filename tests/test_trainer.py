@@ -246,3 +246,28 @@ def test_lambda_is_not_weight_decayed(tmp_path):
     for _, layer in trainer.flexlora_model.flexlora_layers():
         assert id(layer.lora_lam) not in decayed
         assert id(layer.lora_P) in decayed and id(layer.lora_Q) in decayed
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
+    cfg = dict(SCHED)
+    full = _run(tiny_llama(), tmp_path / "full", lm_dataset(), cfg_kwargs=cfg, save_strategy="steps", save_steps=8)
+    ckpt = tmp_path / "full" / "checkpoint-8"
+    assert (ckpt / "flexlora_config.json").is_file()
+    assert (ckpt / "adapter_model.safetensors").is_file()
+    assert not (ckpt / "model.safetensors").exists(), "checkpoints must hold the adapter, never the full base model"
+    resumed = FlexLoRATrainer(
+        model=tiny_llama(),
+        args=training_args(str(tmp_path / "resumed"), save_strategy="no"),
+        train_dataset=lm_dataset(),
+        flexlora_config=FlexLoRAConfig(**cfg),
+    )
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    fa, fb = full.flexlora_model, resumed.flexlora_model
+    assert fa.rank_map() == fb.rank_map()
+    assert [h["step"] for h in fb.rank_history] == [h["step"] for h in fa.rank_history]
+    assert [(h["prune"], h["expand"]) for h in fb.rank_history] == [(h["prune"], h["expand"]) for h in fa.rank_history]
+    for (_, la), (_, lb) in zip(fa.flexlora_layers(), fb.flexlora_layers(), strict=True):
+        assert torch.equal(la.lora_active, lb.lora_active)
+        torch.testing.assert_close(la.lora_P, lb.lora_P, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(la.lora_lam, lb.lora_lam, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(la.lora_Q, lb.lora_Q, atol=1e-5, rtol=1e-4)
