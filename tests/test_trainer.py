@@ -271,3 +271,12 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(la.lora_P, lb.lora_P, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(la.lora_lam, lb.lora_lam, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(la.lora_Q, lb.lora_Q, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_run_performs_events(tmp_path):
+    # CPU autocast (bf16=True) exercises the mixed-precision path; the adapter stays float32 (the master weights).
+    trainer = _run(tiny_llama(), tmp_path, lm_dataset(), bf16=True, max_steps=12, cfg_kwargs={"t_warmup": 2, "t_final": 2})
+    fm = trainer.flexlora_model
+    assert len(fm.rank_history) == 4
+    assert all(layer.lora_P.dtype == torch.float32 for _, layer in fm.flexlora_layers())
+    assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
