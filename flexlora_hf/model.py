@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import logging
 import re
 from collections.abc import Iterator, Mapping
@@ -166,8 +167,9 @@ class FlexLoRAModel(nn.Module):
                 for p in module.parameters():
                     p.requires_grad_(True)
         self._names = names
-        # Give `forward` the base model's signature (Trainer inspects it to drop unused dataset columns).
-        self.forward = functools.update_wrapper(functools.partial(FlexLoRAModel._forward, self), model.forward)
+        # Trainer reads the *class*'s forward signature (label names, dataset columns, loss kwargs): specialise the
+        # class per base architecture so that signature is the base model's.
+        self.__class__ = _specialised_class(type(model))  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ delegation
     def __getattr__(self, name: str) -> Any:
@@ -178,7 +180,7 @@ class FlexLoRAModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
@@ -326,6 +328,19 @@ class FlexLoRAModel(nn.Module):
         from .hub import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)
+
+
+@functools.cache
+def _specialised_class(base_cls: Any) -> type:
+    """`FlexLoRAModel` subclass whose `forward` carries `base_cls.forward`'s signature; named after the base class
+    (`FlexLoRABertForQuestionAnswering`) because transformers' `find_labels` also looks at the class name."""
+
+    def forward(self: FlexLoRAModel, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    forward.__signature__ = inspect.signature(base_cls.forward)  # type: ignore[attr-defined]
+    forward.__doc__ = base_cls.forward.__doc__
+    return type(f"FlexLoRA{base_cls.__name__}", (FlexLoRAModel,), {"forward": forward, "__module__": __name__})
 
 
 def get_flexlora_model(model: nn.Module, config: FlexLoRAConfig) -> FlexLoRAModel:

@@ -309,6 +309,47 @@ class FlexLoRATrainerMixin:
         logger.info("Loading best FlexLoRA adapter from %s (score: %s).", best, self.state.best_metric)  # type: ignore[attr-defined]
         self._load_from_checkpoint(best)
 
+    # -------------------------------------------------------------- Hub
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Publish the adapter folder with the FlexLoRA model card (not transformers' generic card).
+
+        The repo is `args.hub_model_id` (a bare name is put in the token owner's namespace) or the output dir's name.
+        The card gets the training arguments and the latest `eval_*` metrics. Only the main process uploads.
+        Extra keyword arguments accepted by `build_model_card` (`datasets`, `metrics`, `pipeline_tag`,
+        `base_model`) are forwarded to it; others are ignored like Trainer's card arguments.
+        """
+        from huggingface_hub import HfApi
+
+        args = self.args  # type: ignore[attr-defined]
+        if not self.is_world_process_zero():  # type: ignore[attr-defined]
+            return None
+        token = token or args.hub_token
+        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+        if "/" not in repo_id:
+            repo_id = f"{HfApi(token=token).whoami()['name']}/{repo_id}"
+        self.save_model(_internal_call=True)  # type: ignore[attr-defined]
+        evals = {}
+        for entry in self.state.log_history:  # type: ignore[attr-defined]
+            evals.update({k[len("eval_") :]: v for k, v in entry.items() if k.startswith("eval_")})
+        card: dict[str, Any] = {k: kwargs[k] for k in ("datasets", "metrics", "pipeline_tag", "base_model") if k in kwargs}
+        card.update(training_args=args, eval_results=evals or None)
+        return self.flexlora_model.push_to_hub(
+            repo_id,
+            token=token,
+            private=private if private is not None else args.hub_private_repo,
+            commit_message=commit_message,
+            revision=revision or args.hub_revision,
+            model_card_kwargs=card,
+        )
+
     def save_rank_history(self, output_dir: str | None = None) -> None:
         """Write `rank_history.json` and the heatmap to `output_dir` (default: `args.output_dir`)."""
         write_rank_history(self.flexlora_model, output_dir or self.args.output_dir)  # type: ignore[attr-defined]
