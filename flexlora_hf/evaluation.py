@@ -65,7 +65,7 @@ DISPLAY_NAMES: dict[str, str] = {
     "flexlora_bigbench_social_iqa": "BB SIQA",
     "flexlora_bigbench_strategyqa": "BB StrategyQA",
 }
-_ORDER = {name: i for i, name in enumerate(DISPLAY_NAMES)}
+_COLUMNS = list(dict.fromkeys(DISPLAY_NAMES.values()))  # column titles in table order
 #: metrics tried in order when `results_table(metric="auto")`
 AUTO_METRICS = ("exact_match", "acc_norm", "acc")
 # Tasks that need no stock lm-eval task: evaluate_adapter skips indexing lm-eval's ~10k built-in configs for them.
@@ -355,7 +355,11 @@ def results_table(
     groups = set(results.get("groups", {}) or {})
     n_samples = results.get("n-samples", {}) or {}
     rows: dict[str, dict[str, Any]] = {}
-    for task in sorted(per_task, key=lambda t: (_ORDER.get(t, len(_ORDER)), t)):
+    def order(task: str) -> tuple[int, str]:
+        title = DISPLAY_NAMES.get(task)
+        return (_COLUMNS.index(title) if title in _COLUMNS else len(_COLUMNS), task)
+
+    for task in sorted(per_task, key=order):
         if task in groups:
             continue
         values = per_task[task]

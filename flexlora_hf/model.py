@@ -169,7 +169,7 @@ class FlexLoRAModel(nn.Module):
         self._names = names
         # Trainer reads the *class*'s forward signature (label names, dataset columns, loss kwargs): specialise the
         # class per base architecture so that signature is the base model's.
-        self.__class__ = _specialised_class(type(model))  # type: ignore[assignment]
+        self.__class__ = _specialised_class(type(model))  # type: ignore[assignment,arg-type]
 
     # ------------------------------------------------------------------ delegation
     def __getattr__(self, name: str) -> Any:

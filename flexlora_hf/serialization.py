@@ -289,11 +289,9 @@ def save_flexlora(
 
     # Weights first, then the JSON that describes them; the picture and the card last (they are derived data).
     tensors = native_state(model)
-    _write_safetensors(
-        os.path.join(save_directory, FLEXLORA_WEIGHTS_NAME),
-        tensors,
-        {"format": "pt", "flexlora_hf_version": version},
-    )
+    # One metadata key only: safetensors writes several in no fixed order, and identical saves should give identical
+    # bytes (the Hub then skips a re-upload). The version is in flexlora_config.json.
+    _write_safetensors(os.path.join(save_directory, FLEXLORA_WEIGHTS_NAME), tensors, {"format": "pt"})
     peft_config, peft_tensors = peft_export(model)
     _write_safetensors(os.path.join(save_directory, PEFT_WEIGHTS_NAME), peft_tensors, {"format": "pt"})
     _write_json(os.path.join(save_directory, PEFT_CONFIG_NAME), peft_config)
@@ -660,8 +658,8 @@ def load_flexlora(
     if set(model.module_names) != set(saved.modules):
         unexpected = sorted(set(model.module_names) - set(saved.modules))
         raise ValueError(f"load_flexlora: the base model adapted unexpected modules {unexpected[:5]}.")
-    build_config.target_modules = config.target_modules
-    build_config.max_rank = config.max_rank
+    model.flexlora_config.target_modules = config.target_modules
+    model.flexlora_config.max_rank = config.max_rank
     _restore(model, saved)
 
     if not is_trainable:

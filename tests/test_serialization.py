@@ -244,6 +244,13 @@ def test_gpt2_conv1d_round_trip(tmp_path: Path) -> None:
     assert torch.equal(logits(loaded), logits(fm))
 
 
+def test_saving_is_deterministic(llama_dir: tuple[FlexLoRAModel, Path], tmp_path: Path) -> None:
+    fm, path = llama_dir
+    save_flexlora(fm, tmp_path)
+    for f in path.iterdir():
+        assert (tmp_path / f.name).read_bytes() == f.read_bytes(), f.name
+
+
 def test_is_main_process_false_writes_nothing(tmp_path: Path) -> None:
     fm = get_flexlora_model(tiny_llama(), config())
     save_flexlora(fm, tmp_path / "out", is_main_process=False)
