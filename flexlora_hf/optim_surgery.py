@@ -52,7 +52,8 @@ def check_optimizer_supported(optimizer: Any) -> None:
     """Fail early (at train start) for optimizers whose state cannot be reset per slot."""
     opt = unwrap_optimizer(optimizer)
     name = type(opt).__name__
-    if "8bit" in name or getattr(opt, "optim_bits", 32) == 8 or _group_flag(opt, "optim_bits") == 8:
+    bits = getattr(getattr(opt, "args", None), "optim_bits", None)  # bitsandbytes keeps its settings in `.args`
+    if "8bit" in name or bits == 8 or getattr(opt, "optim_bits", 32) == 8 or _group_flag(opt, "optim_bits") == 8:
         raise UnsupportedOptimizerError(
             f"FlexLoRA cannot reset the block-quantised 8-bit state of {name} per direction. Use optim='adamw_torch' "
             "(or 'paged_adamw_32bit'), which FlexLoRA supports."

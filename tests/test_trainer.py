@@ -280,3 +280,17 @@ def test_bf16_autocast_run_performs_events(tmp_path):
     assert len(fm.rank_history) == 4
     assert all(layer.lora_P.dtype == torch.float32 for _, layer in fm.flexlora_layers())
     assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
+
+
+@pytest.mark.parametrize("optim", ["paged_adamw_32bit", "sgd", "adamw_torch_fused"])
+def test_supported_optimizers_perform_events(tmp_path, optim):
+    pytest.importorskip("bitsandbytes")
+    trainer = _run(tiny_bert(), tmp_path, cls_dataset(), optim=optim, max_steps=8, cfg_kwargs={"t_warmup": 2, "t_final": 2})
+    assert len(trainer.flexlora_model.rank_history) == 2
+
+
+@pytest.mark.parametrize("optim", ["adamw_bnb_8bit", "paged_adamw_8bit", "adafactor"])
+def test_unsupported_optimizers_fail_at_train_start(tmp_path, optim):
+    pytest.importorskip("bitsandbytes")
+    with pytest.raises(ValueError, match="adamw_torch"):
+        _run(tiny_bert(), tmp_path, cls_dataset(), optim=optim, max_steps=8, cfg_kwargs={"t_warmup": 2, "t_final": 2})
