@@ -8,6 +8,9 @@ from .config import FlexLoRAConfig
 from .importance import importance, importance_batched, spectral_entropy
 from .layer import FlexLoRALayer
 from .model import FlexLoRAModel, get_flexlora_model
+from .model_card import build_model_card
+from .plotting import plot_rank_history
+from .quantization import guard_bnb_cpu, load_base_model
 from .schedule import budget_at, event_steps, is_event_step
 from .trainer import FlexLoRACallback, FlexLoRATrainer, FlexLoRATrainerMixin
 
@@ -22,11 +25,15 @@ __all__ = [
     "FlexLoRATrainerMixin",
     "ReallocationPlan",
     "budget_at",
+    "build_model_card",
     "event_steps",
     "get_flexlora_model",
+    "guard_bnb_cpu",
     "importance",
     "importance_batched",
     "is_event_step",
+    "load_base_model",
     "plan_reallocation",
+    "plot_rank_history",
     "spectral_entropy",
 ]
