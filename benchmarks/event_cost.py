@@ -118,11 +118,16 @@ def build(r: int, capacity_extra: int, device: torch.device, seed: int = 0) -> t
     return fm, opt
 
 
+_CPU_TIMES: list[float] = []  # process CPU time of the last `_timed` call (appended), read by `measure`
+
+
 def _timed(fn: Any, device: torch.device) -> tuple[Any, float]:
+    """Run `fn`; return its result and wall seconds (its CPU seconds go to `_CPU_TIMES`)."""
     synchronize(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     synchronize(device)
+    _CPU_TIMES.append(time.process_time() - c0)
     return out, time.perf_counter() - t0
 
 
@@ -147,12 +152,13 @@ def measure(r: int, args: argparse.Namespace, device: torch.device) -> dict[str,
     for _ in range(args.warmup):
         step += DELTA_T
         run_event(fm, cfg.b0, step, opt)
-    events, parts = [], {"importance": [], "maps": [], "plan": [], "apply_plan": []}
+    events, events_cpu, parts = [], [], {"importance": [], "maps": [], "plan": [], "apply_plan": []}
     for k in range(args.repeats):
         step += DELTA_T
         if k % 2 == 0:  # alternate: the whole library call, then the same work piece by piece
             _, s = _timed(lambda step=step: run_event(fm, cfg.b0, step, opt), device)
             events.append(s)
+            events_cpu.append(_CPU_TIMES[-1])
             continue
         scores, s_imp = _timed(fm.importance_scores, device)
         (ranks, caps), s_maps = _timed(lambda: (fm.rank_map(), fm.rank_caps()), device)
@@ -189,6 +195,7 @@ def measure(r: int, args: argparse.Namespace, device: torch.device) -> dict[str,
         "matrices": len(fm.module_names),
         "adapter_floats": n_adapter,
         "event_ms": summarize([1e3 * s for s in events]),
+        "event_cpu_ms": summarize([1e3 * s for s in events_cpu]),
         "breakdown_ms": {k: summarize([1e3 * s for s in v]) for k, v in parts.items()},
         "orth_reg_fwd_bwd_ms": summarize([1e3 * s for s in orth]),
         "orth_reg_flops": orth_flops,

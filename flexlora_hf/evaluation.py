@@ -68,8 +68,6 @@ DISPLAY_NAMES: dict[str, str] = {
 _COLUMNS = list(dict.fromkeys(DISPLAY_NAMES.values()))  # column titles in table order
 #: metrics tried in order when `results_table(metric="auto")`
 AUTO_METRICS = ("exact_match", "acc_norm", "acc")
-# Tasks that need no stock lm-eval task: evaluate_adapter skips indexing lm-eval's ~10k built-in configs for them.
-_SELF_CONTAINED_PREFIXES = ("flexlora_bigbench", "flexlora_llm_adapters")
 
 
 def _to_bool(value: Any) -> bool:
@@ -242,6 +240,27 @@ def _include_paths(include_path: str | os.PathLike[str] | Sequence[str | os.Path
     return paths + [os.fspath(p) for p in extra]
 
 
+def _resolvable(manager: Any, names: Sequence[Any], depth: int = 0) -> bool:
+    """Whether every task (and every member of every group/tag) is in `manager`'s index."""
+    index = manager.task_index
+    for name in names:
+        if isinstance(name, dict):  # inline task config inside a group
+            if "include" in name or "task" not in name:
+                return False
+            name = name["task"]
+        if not isinstance(name, str) or name not in index or depth > 8:
+            return False
+        entry = index[name]
+        members = (entry.cfg or {}).get("task") if entry.kind.name == "GROUP" else None
+        if entry.kind.name == "TAG":
+            members = sorted(entry.tags)
+        if isinstance(members, (list, str)) and not _resolvable(
+            manager, [members] if isinstance(members, str) else members, depth + 1
+        ):
+            return False
+    return True
+
+
 def evaluate_adapter(
     base: str,
     adapter: str | None,
@@ -273,8 +292,8 @@ def evaluate_adapter(
         include_path (`str` or list, *optional*): extra task folders, searched after `flexlora_hf/tasks`.
         num_fewshot (`int`, *optional*): few-shot examples.
         dtype (`str`, *optional*, defaults to `"auto"`): model dtype.
-        include_defaults (`bool`, *optional*): index lm-eval's built-in tasks; by default only when a task outside
-            `flexlora_bigbench*` / `flexlora_llm_adapters*` is requested (indexing them takes ~20 s).
+        include_defaults (`bool`, *optional*): index lm-eval's built-in tasks; by default only when a requested task
+            (or a member of a requested group) is not in the include paths (indexing them takes ~20 s).
         metadata (`dict`, *optional*): task metadata, e.g. `{"data_dir": ...}` for our local-data tasks.
         log_samples (`bool`, *optional*, defaults to `False`): keep per-sample outputs in the results.
         **simple_evaluate_kwargs: any other `lm_eval.simple_evaluate` argument.
@@ -286,13 +305,15 @@ def evaluate_adapter(
     from lm_eval.tasks import TaskManager
 
     task_names = _task_list(tasks)
-    if include_defaults is None:
-        include_defaults = not all(t.startswith(_SELF_CONTAINED_PREFIXES) for t in task_names)
-    manager = TaskManager(
-        include_path=_include_paths(include_path),
-        include_defaults=include_defaults,
-        metadata=dict(metadata) if metadata else None,
-    )
+    paths = _include_paths(include_path)
+    meta = dict(metadata) if metadata else None
+    manager = None
+    if include_defaults is None:  # index lm-eval's own ~10k configs (~20 s) only when a task needs them
+        local = TaskManager(include_path=paths, include_defaults=False, metadata=meta)
+        include_defaults = not _resolvable(local, task_names)
+        manager = None if include_defaults else local
+    if manager is None:
+        manager = TaskManager(include_path=paths, include_defaults=include_defaults, metadata=meta)
     model_args: dict[str, Any] = {"pretrained": base, "load_in_4bit": load_in_4bit, "dtype": dtype}
     if adapter:
         model_args["adapter"] = adapter
