@@ -1,0 +1,494 @@
+"""End-to-end tests of the example scripts (`examples/run_glue.py`, `examples/run_clm.py`, `examples/quickstart.py`).
+
+Fast tests run the scripts' ``main(argv)`` in-process on tiny random models (a 2-layer BERT classifier and a
+2-layer Llama) saved to a temporary folder with a byte-level BPE tokenizer trained on local text in about a second,
+and on local csv/json/txt files, with a schedule short enough that reallocation events happen. They also cover
+`flexlora_hf.arguments` (the command-line face of `FlexLoRAConfig`). Slow tests use the real offline models
+(MiniLM-L6 with a BIG-bench task, SmolLM2-135M).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import json
+import logging
+import random
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import transformers
+from transformers import HfArgumentParser, TrainingArguments
+
+from flexlora_hf import FlexLoRAConfig
+from flexlora_hf.arguments import FlexLoRAArguments, parse_max_rank, parse_module_list
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ADAPTER_FILES = (
+    "flexlora_config.json",
+    "flexlora_adapter.safetensors",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "rank_map.json",
+    "rank_history.json",
+    "rank_heatmap.png",
+    "README.md",
+)
+
+POSITIVE = ["good", "great", "fine", "nice", "lovely", "superb"]
+NEGATIVE = ["bad", "awful", "poor", "nasty", "dreadful", "weak"]
+NOUNS = ["film", "meal", "book", "song", "trip", "game", "show", "room"]
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` as a module (the examples folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"flexlora_examples_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """The scripts configure transformers/datasets logging globally; put it back after each test."""
+    verbosity = transformers.utils.logging.get_verbosity()
+    level = logging.getLogger("flexlora_hf").level
+    yield
+    transformers.utils.logging.set_verbosity(verbosity)
+    logging.getLogger("flexlora_hf").setLevel(level)
+
+
+def _sentences(n: int, seed: int = 0) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        word = rng.choice(POSITIVE if label else NEGATIVE)
+        rows.append((f"the {rng.choice(NOUNS)} was {word} and the {rng.choice(NOUNS)} was {rng.choice(NOUNS)}", label))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A 300-token byte-level BPE tokenizer trained on local text (about a second), saved as an HF folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [text for text, _ in _sentences(400)]
+    corpus += Path(transformers.__file__).read_text(encoding="utf-8").splitlines()[:400]
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=128,
+    )
+    out = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    """A random 2-layer BERT sequence classifier (hidden 32) with the tiny tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    transformers.set_seed(0)
+    out = tmp_path_factory.mktemp("tiny_bert")
+    BertForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    """A random 2-layer Llama causal LM (hidden 32, GQA 4/2 heads) with the tiny tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    transformers.set_seed(0)
+    out = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _write_csv(path: Path, rows: list[tuple[str, int]]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sentence", "label"])
+        writer.writerows(rows)
+    return path
+
+
+# A schedule that fires within 12 optimizer steps: events on the Δ_T=2 grid in (2, 12 - 2].
+SHORT_SCHEDULE = ["--r", "4", "--lora_alpha", "8", "--b0", "2", "--t_warmup", "2", "--t_final", "2", "--delta_t", "2"]
+FAST_TRAINING = [
+    "--max_steps",
+    "12",
+    "--per_device_train_batch_size",
+    "8",
+    "--per_device_eval_batch_size",
+    "16",
+    "--learning_rate",
+    "5e-3",
+    "--logging_steps",
+    "4",
+    "--save_strategy",
+    "no",
+    "--report_to",
+    "none",
+    "--disable_tqdm",
+    "true",
+    "--dataloader_pin_memory",
+    "false",
+]
+
+
+def _assert_adapter_dir(out: Path) -> list[dict]:
+    missing = [name for name in ADAPTER_FILES if not (out / name).is_file()]
+    assert not missing, f"{out} lacks {missing}; has {sorted(p.name for p in out.iterdir())}"
+    history = json.loads((out / "rank_history.json").read_text())
+    assert history, "no reallocation event was recorded"
+    assert any(event["prune"] or event["expand"] for event in history)
+    return history
+
+
+# ---------------------------------------------------------------------------------------------------- arguments
+def test_flexlora_arguments_mirror_every_config_field():
+    config_fields = {f.name for f in dataclasses.fields(FlexLoRAConfig)}
+    arg_fields = {f.name for f in dataclasses.fields(FlexLoRAArguments)}
+    assert arg_fields == (config_fields - {"seed"}) | {"flexlora_seed"}
+    # defaults and help strings follow the config
+    defaults = FlexLoRAArguments().to_flexlora_config()
+    assert defaults == FlexLoRAConfig()
+
+
+def test_flexlora_arguments_parse_next_to_training_arguments(tmp_path):
+    parser = HfArgumentParser((TrainingArguments, FlexLoRAArguments))
+    training_args, flexlora_args = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--seed",
+            "7",
+            "--r",
+            "4",
+            "--target_modules",
+            "query, key,value",
+            "--modules_to_save",
+            "classifier,pooler",
+            "--max_rank",
+            "12",
+            "--importance",
+            "nuclear",
+        ]
+    )
+    config = flexlora_args.to_flexlora_config(seed=training_args.seed)
+    assert config.r == 4
+    assert config.target_modules == ["query", "key", "value"]
+    assert config.modules_to_save == ["classifier", "pooler"]
+    assert config.max_rank == 12
+    assert config.importance == "nuclear"
+    assert config.seed == 7  # follows --seed unless --flexlora_seed is given
+    _, flexlora_args = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--flexlora_seed", "3"])
+    assert flexlora_args.to_flexlora_config(seed=7).seed == 3
+
+
+def test_flexlora_arguments_reject_bad_values(tmp_path):
+    parser = HfArgumentParser((TrainingArguments, FlexLoRAArguments))
+    _, flexlora_args = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--importance", "magic"])
+    with pytest.raises(ValueError, match="importance"):
+        flexlora_args.to_flexlora_config()
+    with pytest.raises(ValueError, match="max_rank"):
+        parse_max_rank("twelve")
+
+
+def test_module_list_syntax():
+    assert parse_module_list("query,value") == ["query", "value"]
+    assert parse_module_list("all-linear") == "all-linear"
+    assert parse_module_list(r"re:.*\.(query|value)") == r".*\.(query|value)"
+    assert parse_module_list("none") == []
+    assert parse_module_list("") is None
+    assert parse_module_list(["q", "v"]) == ["q", "v"]
+    assert parse_max_rank('{"layer.0.query": 16}') == {"layer.0.query": 16}
+    assert parse_max_rank(None) is None
+
+
+# ---------------------------------------------------------------------------------------------------- run_glue
+def test_run_glue_local_csv(tiny_bert_dir, tmp_path):
+    train = _write_csv(tmp_path / "train.csv", _sentences(96, seed=1))
+    dev = _write_csv(tmp_path / "dev.csv", _sentences(32, seed=2))
+    out = tmp_path / "out"
+    metrics = load_script("run_glue").main(
+        [
+            "--model_name_or_path",
+            str(tiny_bert_dir),
+            "--train_file",
+            str(train),
+            "--validation_file",
+            str(dev),
+            "--do_train",
+            "--do_eval",
+            "--max_seq_length",
+            "32",
+            "--output_dir",
+            str(out),
+            *FAST_TRAINING,
+            *SHORT_SCHEDULE,
+        ]
+    )
+    history = _assert_adapter_dir(out)
+    assert history[-1]["ranks"] != {name: 4 for name in history[-1]["ranks"]}, "the rank map never changed"
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert "eval_macro_f1" in metrics and "eval_loss" in metrics
+    assert (out / "eval_results.json").is_file() and (out / "train_results.json").is_file()
+    card = (out / "README.md").read_text()
+    assert "FlexLoRA" in card or "flexlora" in card
+
+
+def test_run_glue_json_config_glue_task_metrics_and_regression(tiny_bert_dir, tmp_path):
+    """A .json holding every argument; --task_name stsb on local files gives GLUE's regression metrics."""
+    rng = random.Random(3)
+    rows = [
+        {"sentence1": text, "sentence2": other, "label": round(rng.uniform(0, 5), 2)}
+        for (text, _), (other, _) in zip(_sentences(64, seed=4), _sentences(64, seed=5), strict=True)
+    ]
+    train, dev = tmp_path / "train.json", tmp_path / "dev.json"
+    train.write_text("\n".join(json.dumps(r) for r in rows[:48]))
+    dev.write_text("\n".join(json.dumps(r) for r in rows[48:]))
+    out = tmp_path / "out"
+    args = {
+        "model_name_or_path": str(tiny_bert_dir),
+        "task_name": "stsb",
+        "ignore_mismatched_sizes": True,  # the tiny checkpoint has a 2-label head, STS-B needs 1 output
+        "train_file": str(train),
+        "validation_file": str(dev),
+        "do_train": True,
+        "do_eval": True,
+        "max_seq_length": 32,
+        "output_dir": str(out),
+        "max_steps": 12,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 5e-3,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "dataloader_pin_memory": False,
+        "target_modules": "query,value,intermediate.dense",
+        "r": 4,
+        "b0": 1,
+        "t_warmup": 2,
+        "t_final": 2,
+        "delta_t": 2,
+    }
+    config_path = tmp_path / "args.json"
+    config_path.write_text(json.dumps(args))
+    metrics = load_script("run_glue").main([str(config_path)])
+    _assert_adapter_dir(out)
+    assert {"eval_pearson", "eval_spearmanr", "eval_combined_score"} <= set(metrics)
+    flexlora_config = json.loads((out / "flexlora_config.json").read_text())
+    assert flexlora_config["target_modules"] == ["query", "value", "intermediate.dense"]
+    assert flexlora_config["r"] == 4
+
+
+def test_run_glue_rejects_two_data_sources(tmp_path):
+    with pytest.raises(ValueError, match="only one data source"):
+        load_script("run_glue").main(
+            ["--model_name_or_path", "x", "--bigbench_task", "hyperbaton", "--dataset_name", "y", "--output_dir", "o"]
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- run_clm
+def test_run_clm_local_text(tiny_llama_dir, tmp_path):
+    lines = [text for text, _ in _sentences(300, seed=6)]
+    train = tmp_path / "train.txt"
+    train.write_text("\n".join(lines[:260]) + "\n")
+    dev = tmp_path / "valid.txt"
+    dev.write_text("\n".join(lines[260:]) + "\n")
+    out = tmp_path / "out"
+    metrics = load_script("run_clm").main(
+        [
+            "--model_name_or_path",
+            str(tiny_llama_dir),
+            "--train_file",
+            str(train),
+            "--validation_file",
+            str(dev),
+            "--block_size",
+            "32",
+            "--do_train",
+            "--do_eval",
+            "--output_dir",
+            str(out),
+            "--target_modules",
+            "q_proj,k_proj,v_proj,up_proj,down_proj",
+            *FAST_TRAINING,
+            *SHORT_SCHEDULE,
+        ]
+    )
+    _assert_adapter_dir(out)
+    assert metrics["perplexity"] > 1.0
+    assert metrics["perplexity"] < 310  # better than uniform over the 300-token vocabulary + specials
+    peft_config = json.loads((out / "adapter_config.json").read_text())
+    assert all(
+        name.split(".")[-1] in {"q_proj", "k_proj", "v_proj", "up_proj", "down_proj"}
+        for name in peft_config["target_modules"]
+    )
+
+
+def test_run_clm_jsonl_holds_out_validation(tiny_llama_dir, tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"text": text}) for text, _ in _sentences(300, seed=7)))
+    out = tmp_path / "out"
+    metrics = load_script("run_clm").main(
+        [
+            "--model_name_or_path",
+            str(tiny_llama_dir),
+            "--train_file",
+            str(train),
+            "--validation_split_percentage",
+            "10",
+            "--block_size",
+            "32",
+            "--do_train",
+            "--do_eval",
+            "--output_dir",
+            str(out),
+            *FAST_TRAINING,
+            *SHORT_SCHEDULE,
+        ]
+    )
+    _assert_adapter_dir(out)
+    assert metrics["eval_samples"] >= 1 and "perplexity" in metrics
+
+
+# ---------------------------------------------------------------------------------------------------- slow: real models
+@pytest.mark.slow
+def test_run_glue_minilm_bigbench(tmp_path):
+    from flexlora_hf.assets import minilm_path
+
+    out = tmp_path / "out"
+    metrics = load_script("run_glue").main(
+        [
+            "--model_name_or_path",
+            str(minilm_path()),
+            "--bigbench_task",
+            "epistemic_reasoning",
+            "--bigbench_max_examples",
+            "240",
+            "--do_train",
+            "--do_eval",
+            "--max_seq_length",
+            "64",
+            "--output_dir",
+            str(out),
+            "--target_modules",
+            "query,key,value,attention.output.dense,intermediate.dense,output.dense",
+            "--modules_to_save",
+            "classifier,pooler",
+            *FAST_TRAINING,
+            *SHORT_SCHEDULE,
+        ]
+    )
+    history = _assert_adapter_dir(out)
+    assert len(history[-1]["ranks"]) == 36  # 6 layers x 6 matrices
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_run_clm_smollm2(tmp_path):
+    from flexlora_hf.assets import materialize_smollm2
+
+    model_dir = materialize_smollm2()
+    train = tmp_path / "train.txt"
+    text = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    train.write_text(text * max(1, 40_000 // max(len(text), 1)))
+    out = tmp_path / "out"
+    metrics = load_script("run_clm").main(
+        [
+            "--model_name_or_path",
+            str(model_dir),
+            "--train_file",
+            str(train),
+            "--block_size",
+            "64",
+            "--max_train_samples",
+            "48",
+            "--max_eval_samples",
+            "8",
+            "--do_train",
+            "--do_eval",
+            "--output_dir",
+            str(out),
+            "--target_modules",
+            "q_proj,k_proj,v_proj,up_proj,down_proj",
+            "--max_steps",
+            "6",
+            "--per_device_train_batch_size",
+            "4",
+            "--learning_rate",
+            "3e-4",
+            "--save_strategy",
+            "no",
+            "--report_to",
+            "none",
+            "--disable_tqdm",
+            "true",
+            "--dataloader_pin_memory",
+            "false",
+            "--b0",
+            "2",
+            "--t_warmup",
+            "1",
+            "--t_final",
+            "1",
+            "--delta_t",
+            "2",
+        ]
+    )
+    _assert_adapter_dir(out)
+    assert metrics["perplexity"] < 1e4
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
