@@ -438,6 +438,50 @@ def test_python_m_evaluation_forwards_to_lm_eval(tiny_base, trained_adapter, tin
     assert list(out.rglob("results_*.json"))
 
 
+# ---------------------------------------------------------------------------------------------- commonsense example
+def test_commonsense_example_end_to_end_on_cpu(tiny_base, toy_bigbench, tmp_path):
+    """make_data.py -> finetune.py (4-bit base, evaluation mid-run, reallocation) -> scored on the held-out rows."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "commonsense"))
+    try:
+        import finetune
+        import make_data
+    finally:
+        sys.path.pop(0)
+    pytest.importorskip("bitsandbytes")
+
+    data = make_data.main(["--output", str(tmp_path / "train.json"), "--tasks", "social_iqa"])
+    rows = json.loads(Path(data).read_text())
+    assert len(rows) == 18 and rows[0]["output"] == f"the correct answer is {rows[0]['answer']}"
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    example = finetune.tokenize_row(rows[0], tokenizer, 256, train_on_inputs=False)
+    n_prompt = len(tokenizer(llm_adapters_train_prompt(rows[0]["instruction"], "", ""))["input_ids"])
+    assert example["labels"][:n_prompt] == [-100] * n_prompt and example["labels"][n_prompt:] == \
+        example["input_ids"][n_prompt:]
+    assert example["input_ids"][-1] == tokenizer.eos_token_id
+
+    out = finetune.main([
+        "--model_name_or_path", tiny_base, "--load_in_4bit", "--data_path", data, "--output_dir", str(tmp_path / "ft"),
+        "--val_set_size", "4", "--lora_r", "2", "--b0", "2", "--t_warmup", "2", "--t_final", "2", "--delta_t", "2",
+        "--max_steps", "8", "--per_device_train_batch_size", "4", "--eval_strategy", "steps", "--eval_steps", "3",
+        "--logging_steps", "1", "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--learning_rate", "1e-2",
+        "--disable_tqdm", "true",
+    ])
+    names = {p.name for p in Path(out).iterdir()}
+    assert {"flexlora_config.json", "adapter_config.json", "rank_history.json", "eval_results.json"} <= names
+    history = json.loads((Path(out) / "rank_history.json").read_text())
+    assert any(r["prune"] for r in history)
+    state = json.loads((Path(out) / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "eval_loss" in e][:2] == [3, 6]
+
+    prepare_bigbench_eval_data(tmp_path / "eval", ["social_iqa"])
+    results = evaluate_adapter(tiny_base, out, "flexlora_bigbench_social_iqa", load_in_4bit=True,
+                               metadata={"data_dir": str(tmp_path / "eval")})
+    assert results["n-samples"]["flexlora_bigbench_social_iqa"]["effective"] == 5
+
+
 # ---------------------------------------------------------------------------------------------- real model
 @pytest.mark.slow
 def test_smollm2_offline_bigbench_social_iqa(tmp_path):

@@ -1,0 +1,237 @@
+#!/usr/bin/env python
+"""Fine-tune a causal LM with entropy-guided FlexLoRA on commonsense reasoning (the paper's Table 2 setting).
+
+Data: the LLM-Adapters `commonsense_170k.json` format, a JSON list of `{"instruction", "input", "output", "answer"}`
+rows (LLM-Adapters' `ft-training_set/commonsense_170k.json`, or a small local file from `make_data.py`). Every row is
+rendered with LLM-Adapters' Alpaca-style training prompt (`flexlora_hf.tasks.utils.llm_adapters_train_prompt`),
+truncated to `--cutoff_len` tokens, EOS appended; the loss is masked on the prompt (`--train_on_inputs` to train on
+it as LLM-Adapters' default does). `--val_set_size` rows are held out (seed 42) for the Trainer's evaluation.
+
+Model: `--load_in_4bit` loads the base in 4-bit NF4 with double quantisation (QLoRA) via
+`flexlora_hf.quantization.load_base_model`; otherwise bf16 on GPU / fp32 on CPU. `FlexLoRATrainer` wraps it with
+FlexLoRA adapters and performs the rank reallocation events; the adapter (native FlexLoRA files + a stock PEFT LoRA
+view) is saved to `--output_dir` together with the rank history and heatmap.
+
+Evaluate afterwards with lm-eval, e.g. the LLM-Adapters protocol of Table 2:
+
+    FLEXLORA_HF_LLM_ADAPTERS_DATA=/path/to/LLM-Adapters/dataset \\
+        flexlora-hf eval --base meta-llama/Meta-Llama-3-8B --adapter OUT --tasks flexlora_llm_adapters
+
+All arguments: `python finetune.py --help` (model, data and FlexLoRA arguments below, plus every
+`transformers.TrainingArguments` flag). A single `.json` file with all arguments also works:
+`python finetune.py args.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoTokenizer, DataCollatorForSeq2Seq, HfArgumentParser, TrainingArguments
+
+from flexlora_hf import FlexLoRAConfig
+from flexlora_hf.quantization import load_base_model
+from flexlora_hf.tasks.utils import llm_adapters_train_prompt
+from flexlora_hf.trainer import FlexLoRATrainer
+
+logger = logging.getLogger("finetune")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Base model id or folder (e.g. meta-llama/Meta-Llama-3-8B)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base in 4-bit NF4 (QLoRA, bitsandbytes)."})
+    compute_dtype: str = field(
+        default="auto", metadata={"help": "auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32."}
+    )
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, eager, flash_attention_2."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": "commonsense_170k-format JSON: list of {instruction,input,output,answer}."})
+    val_set_size: int = field(default=120, metadata={"help": "Rows held out for evaluation (0: none)."})
+    cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per example (LLM-Adapters: 256)."})
+    train_on_inputs: bool = field(
+        default=False, metadata={"help": "Also train on the prompt tokens (LLM-Adapters' default); masked if False."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+
+
+@dataclass
+class FlexLoRAArguments:
+    """FlexLoRA flags (FlexLoRAConfig fields; names kept distinct from TrainingArguments, e.g. `seed`)."""
+
+    lora_r: int = field(default=8, metadata={"help": "Initial rank r of every adapted matrix."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "Scaling numerator α (scale α / r, r initial)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input."})
+    target_modules: str = field(
+        default="q_proj,k_proj,v_proj,up_proj,down_proj",
+        metadata={"help": "Comma-separated module names (suffix match), or 'all-linear'."},
+    )
+    b0: int = field(default=4, metadata={"help": "Paper's b: directions pruned and expanded per event."})
+    t_warmup: int = field(default=5000, metadata={"help": "Steps before the first reallocation (T_warmup)."})
+    t_final: int = field(default=5000, metadata={"help": "Final steps with frozen ranks (T_final)."})
+    delta_t: int = field(default=1000, metadata={"help": "Steps between reallocation events (Δ_T)."})
+    orth_reg_weight: float = field(default=0.1, metadata={"help": "γ of the orthogonality regulariser (eq. 2)."})
+    min_rank: int = field(default=1, metadata={"help": "Never prune a matrix below this rank."})
+    max_rank: int | None = field(default=None, metadata={"help": "Per-matrix rank cap (default: r + #events)."})
+    importance: str = field(default="entropy", metadata={"help": "Importance metric (eq. 3; Table 4)."})
+    allocation: str = field(default="bidirectional", metadata={"help": "bidirectional, prune_only or expand_only."})
+    expansion_init: str = field(default="zero_impact", metadata={"help": "Init of new directions (Table 6)."})
+    schedule: str = field(default="paper", metadata={"help": "Budget curve: paper (eq. 4), window or constant."})
+
+    def to_config(self, seed: int) -> FlexLoRAConfig:
+        targets: Any = self.target_modules.strip()
+        if targets != "all-linear":
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        return FlexLoRAConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=targets,
+            b0=self.b0,
+            t_warmup=self.t_warmup,
+            t_final=self.t_final,
+            delta_t=self.delta_t,
+            orth_reg_weight=self.orth_reg_weight,
+            min_rank=self.min_rank,
+            max_rank=self.max_rank,
+            importance=self.importance,
+            allocation=self.allocation,
+            expansion_init=self.expansion_init,
+            schedule=self.schedule,
+            seed=seed,
+        )
+
+
+def load_rows(path: str) -> list[dict[str, str]]:
+    """Read a commonsense_170k-format file (a JSON list; JSON lines also accepted)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x]
+    for i, row in enumerate(rows):
+        missing = {"instruction", "output"} - set(row)
+        if missing:
+            raise ValueError(f"{path}: row {i} lacks {sorted(missing)}; expected instruction/input/output/answer.")
+    return rows
+
+
+def tokenize_row(
+    row: dict[str, str], tokenizer: Any, cutoff_len: int, train_on_inputs: bool
+) -> dict[str, list[int]]:
+    """LLM-Adapters' tokenisation: full prompt + EOS (when it fits), labels = ids with the prompt masked."""
+    full = llm_adapters_train_prompt(row["instruction"], row.get("input") or "", row["output"])
+    ids = tokenizer(full, truncation=True, max_length=cutoff_len)["input_ids"]
+    if ids[-1] != tokenizer.eos_token_id and len(ids) < cutoff_len:
+        ids = [*ids, tokenizer.eos_token_id]
+    labels = list(ids)
+    if not train_on_inputs:
+        prompt = llm_adapters_train_prompt(row["instruction"], row.get("input") or "", "")
+        n_prompt = len(tokenizer(prompt, truncation=True, max_length=cutoff_len)["input_ids"])
+        labels = [-100] * n_prompt + labels[n_prompt:]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def build_datasets(data_args: DataArguments, tokenizer: Any) -> tuple[Any, Any]:
+    from datasets import Dataset
+
+    rows = load_rows(data_args.data_path)
+    dataset = Dataset.from_list(
+        [{"instruction": r["instruction"], "input": r.get("input") or "", "output": r["output"]} for r in rows]
+    )
+    eval_dataset = None
+    if data_args.val_set_size > 0:
+        split = dataset.train_test_split(test_size=data_args.val_set_size, shuffle=True, seed=42)
+        dataset, eval_dataset = split["train"], split["test"]
+    if data_args.max_train_samples is not None:
+        dataset = dataset.select(range(min(data_args.max_train_samples, len(dataset))))
+
+    def tok(row: dict[str, str]) -> dict[str, list[int]]:
+        return tokenize_row(row, tokenizer, data_args.cutoff_len, data_args.train_on_inputs)
+
+    columns = dataset.column_names
+    dataset = dataset.map(tok, remove_columns=columns, desc="Tokenizing train")
+    if eval_dataset is not None:
+        eval_dataset = eval_dataset.map(tok, remove_columns=columns, desc="Tokenizing eval")
+    return dataset, eval_dataset
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, FlexLoRAArguments, TrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, FlexLoRAArguments, TrainingArguments))  # type: ignore[arg-type]
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))  # type: ignore[return-value]
+    return parser.parse_args_into_dataclasses(argv)  # type: ignore[return-value]
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Run fine-tuning; returns the folder the adapter was saved to."""
+    model_args, data_args, flex_args, training_args = parse_args(argv)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if training_args.should_log else logging.WARNING,
+    )
+    transformers.utils.logging.set_verbosity_warning()
+    logger.info("Model %s | data %s | FlexLoRA %s", model_args, data_args, flex_args)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
+                                              trust_remote_code=model_args.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token  # padded labels are -100 either way
+    tokenizer.padding_side = "right"
+    with training_args.main_process_first(desc="tokenizing"):
+        train_dataset, eval_dataset = build_datasets(data_args, tokenizer)
+    logger.info("%d training rows, %d eval rows", len(train_dataset), len(eval_dataset) if eval_dataset else 0)
+
+    compute_dtype = None if model_args.compute_dtype == "auto" else getattr(torch, model_args.compute_dtype)
+    load_kwargs: dict[str, Any] = {"trust_remote_code": model_args.trust_remote_code}
+    if model_args.attn_implementation:
+        load_kwargs["attn_implementation"] = model_args.attn_implementation
+    model = load_base_model(
+        model_args.model_name_or_path,
+        load_in_4bit=model_args.load_in_4bit,
+        compute_dtype=compute_dtype,
+        gradient_checkpointing=bool(training_args.gradient_checkpointing),
+        **load_kwargs,
+    )
+    training_args.gradient_checkpointing = False  # load_base_model has set it up (non-reentrant, input grads)
+    if training_args.label_names is None:
+        training_args.label_names = ["labels"]  # FlexLoRAModel's class signature hides `labels` from the Trainer
+    if eval_dataset is None and training_args.eval_strategy != "no":
+        training_args.eval_strategy = transformers.IntervalStrategy.NO
+
+    trainer = FlexLoRATrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
+        flexlora_config=flex_args.to_config(seed=training_args.seed),
+    )
+    if trainer.is_world_process_zero():
+        trainer.flexlora_model.print_trainable_parameters()
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)  # FlexLoRA adapter + PEFT LoRA view + tokenizer
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    if eval_dataset is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    logger.info("Adapter saved to %s (final ranks: total %d)", training_args.output_dir,
+                trainer.flexlora_model.total_rank())
+    return str(training_args.output_dir)
+
+
+if __name__ == "__main__":
+    main()
