@@ -41,21 +41,29 @@ def split_module_path(path: str) -> tuple[str, int | None, str]:
 
 
 def short_module_types(rests: Sequence[str]) -> dict[str, str]:
-    """Shortest common tail length that keeps distinct module types distinct.
+    """Shortest trailing part of each module type that no other type ends with.
 
-    Llama's `self_attn.q_proj` becomes `q_proj`; BERT's `attention.output.dense` and `output.dense` need three
-    components to stay apart, so every BERT type keeps up to three (`attention.self.query`, ...).
+    Llama's `self_attn.q_proj` becomes `q_proj`; BERT's `attention.self.query` becomes `query`, while
+    `attention.output.dense`, `intermediate.dense` and `output.dense` keep the components that tell them apart.
 
     Returns:
         `dict`: full type -> short label.
     """
     unique = list(dict.fromkeys(rests))
-    depth = max((len(r.split(".")) for r in unique), default=1)
-    for k in range(1, depth + 1):
-        labels = {r: ".".join(r.split(".")[-k:]) for r in unique}
-        if len(set(labels.values())) == len(unique):
-            return labels
-    return {r: r for r in unique}
+    split = {r: r.split(".") for r in unique}
+
+    def tail(r: str, k: int) -> str:
+        return ".".join(split[r][-k:])
+
+    labels: dict[str, str] = {}
+    for r in unique:
+        k = 1
+        while k < len(split[r]) and any(tail(u, k) == tail(r, k) for u in unique if u != r):
+            k += 1
+        labels[r] = tail(r, k)
+    if len(set(labels.values())) != len(unique):  # cannot happen for distinct paths; keep the table correct anyway
+        return {r: r for r in unique}
+    return labels
 
 
 def depth_order(names: Sequence[str]) -> list[str]:
@@ -106,7 +114,17 @@ def _columns(history_or_model: Any) -> tuple[list[str], list[dict[str, int]]]:
             f"got {type(history_or_model).__name__}."
         )
     labels = [str(e.get("step", i)) if isinstance(e, Mapping) else str(i) for i, e in enumerate(history)]
-    return labels, [_ranks_of(e) for e in history]
+    maps = [_ranks_of(e) for e in history]
+    first = history[0]
+    if isinstance(first, Mapping) and isinstance(first.get("prune"), list) and isinstance(first.get("expand"), list):
+        # Undo the first event to show where training started (uniform r), as the paper's Figure 2 does.
+        start = dict(maps[0])
+        for name in first["expand"]:
+            start[name] = start.get(name, 0) - 1
+        for name in first["prune"]:
+            start[name] = start.get(name, 0) + 1
+        labels, maps = ["start", *labels], [start, *maps]
+    return labels, maps
 
 
 def plot_rank_history(
@@ -120,7 +138,8 @@ def plot_rank_history(
     Args:
         history_or_model (`FlexLoRAModel`, `list[dict]` or `dict[str, int]`): a model (its `rank_history`, or its
             `rank_map()` when the history is empty), a rank history as recorded by `FlexLoRACallback` (records with
-            `"step"` and `"ranks"`), or a single rank map (module path -> rank).
+            `"step"` and `"ranks"`; with `"prune"` / `"expand"` lists a first "start" column shows the ranks
+            before the first event), or a single rank map (module path -> rank).
         path (`str` or `os.PathLike`, *optional*): where to save the figure as PNG.
         title (`str`, *optional*): figure title; a default naming the total rank is used otherwise.
 

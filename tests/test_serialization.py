@@ -251,6 +251,20 @@ def test_saving_is_deterministic(llama_dir: tuple[FlexLoRAModel, Path], tmp_path
         assert (tmp_path / f.name).read_bytes() == f.read_bytes(), f.name
 
 
+def test_base_model_name_is_recorded(tmp_path: Path) -> None:
+    base = tiny_llama()
+    base.config._name_or_path = "HuggingFaceTB/SmolLM2-135M"
+    save_flexlora(get_flexlora_model(base, config()), tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "HuggingFaceTB/SmolLM2-135M"
+    )
+    assert json.loads((tmp_path / "flexlora_config.json").read_text())["_base_model_name_or_path"] == (
+        "HuggingFaceTB/SmolLM2-135M"
+    )
+    meta = metadata_load(tmp_path / "README.md")
+    assert meta is not None and meta["base_model"] == "HuggingFaceTB/SmolLM2-135M"
+
+
 def test_is_main_process_false_writes_nothing(tmp_path: Path) -> None:
     fm = get_flexlora_model(tiny_llama(), config())
     save_flexlora(fm, tmp_path / "out", is_main_process=False)
@@ -420,8 +434,8 @@ def test_model_card_metadata_and_body(bert_dir: tuple[FlexLoRAModel, Path]) -> N
     assert "PeftModel.from_pretrained" in text and "FlexLoRAModel.from_pretrained" in text
     assert "num_labels=3" in text
     assert "![" in text and "(rank_heatmap.png)" in text
-    # Rank table: one row per layer, one column per module type (BERT's types need 3 components to stay apart).
-    header = "| layer | attention.self.query | attention.self.key | attention.self.value | attention.output.dense |"
+    # Rank table: one row per layer, one column per module type, as short as keeps BERT's types apart.
+    header = "| layer | query | key | value | attention.output.dense | intermediate.dense | output.dense | total |"
     assert header in text
     for layer_index in (0, 1):
         assert f"\n| {layer_index} | " in text
@@ -468,10 +482,19 @@ def test_template_copies_are_identical() -> None:
 def test_rank_table_helpers() -> None:
     assert split_module_path("model.layers.3.self_attn.q_proj") == ("model.layers", 3, "self_attn.q_proj")
     assert split_module_path("pooler.dense") == ("pooler.dense", None, "pooler.dense")
-    assert short_module_types(["attention.output.dense", "output.dense", "intermediate.dense"]) == {
+    assert short_module_types(
+        ["attention.self.query", "attention.output.dense", "output.dense", "intermediate.dense"]
+    ) == {
+        "attention.self.query": "query",
         "attention.output.dense": "attention.output.dense",
         "output.dense": "output.dense",
         "intermediate.dense": "intermediate.dense",
+    }
+    assert short_module_types(["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]) == {
+        "attn.c_attn": "c_attn",
+        "attn.c_proj": "attn.c_proj",
+        "mlp.c_fc": "c_fc",
+        "mlp.c_proj": "mlp.c_proj",
     }
     names = ["dec.block.1.q", "enc.block.10.q", "enc.block.2.q", "dec.block.0.q", "head"]
     assert depth_order(names) == ["dec.block.0.q", "dec.block.1.q", "enc.block.2.q", "enc.block.10.q", "head"]
@@ -487,9 +510,14 @@ def test_heatmap_png(llama_dir: tuple[FlexLoRAModel, Path], tmp_path: Path) -> N
     assert (path / "rank_heatmap.png").read_bytes()[:8] == PNG_SIGNATURE
     fig = plot_rank_history(fm.rank_history, tmp_path / "h.png", title="moves")
     image = fig.axes[0].images[0].get_array()
-    assert image.shape == (len(fm.module_names), len(fm.rank_history))
+    assert image.shape == (len(fm.module_names), len(fm.rank_history) + 1)
     assert fig.axes[0].get_title() == "moves"
-    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["20", "30", "40"]
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["start", "20", "30", "40"]
+    assert (image[:, 0] == fm.flexlora_config.r).all()  # the first event undone: uniform initial rank
+    assert image[:, -1].tolist() == [fm.rank_map()[n] for n in depth_order(fm.module_names)]
+    # Records without prune/expand lists: one column per record.
+    bare = [{"step": h["step"], "ranks": h["ranks"]} for h in fm.rank_history]
+    assert plot_rank_history(bare).axes[0].images[0].get_array().shape == (len(fm.module_names), len(bare))
     assert (tmp_path / "h.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
