@@ -77,9 +77,8 @@ def test_quality_plan_and_method_parsing() -> None:
 
     args = quality.parse_args([])
     runs = quality.all_runs(args)
-    assert len(runs) == 3 * 3 * 3 + 7 * 3
+    assert len(runs) == 3 * 3 * 3 + (7 + 3) * 2
     assert len({quality.run_key(r) for r in runs}) == len(runs)
     assert quality.parse_method("flexlora:importance=nuclear") == ("flexlora", {"importance": "nuclear"})
     assert quality.parse_method("lora") == ("lora", {})
-    sched = quality.schedule(200)
-    assert sched == {"t_warmup": 40, "t_final": 40, "delta_t": 10}
+    assert quality.schedule(200) == {"t_warmup": 40, "t_final": 40, "delta_t": 10}
