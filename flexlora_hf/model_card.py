@@ -173,12 +173,14 @@ def _history_summary(model: FlexLoRAModel) -> str:
     history = list(model.rank_history)
     if not history:
         return "No reallocation event was recorded: the picture shows the final rank map."
-    steps = [e.get("step") for e in history if isinstance(e, Mapping)]
-    moves = sum(len(e.get("prune", [])) + len(e.get("expand", [])) for e in history if isinstance(e, Mapping))
-    first, last = steps[0] if steps else "?", steps[-1] if steps else "?"
+    records = [e for e in history if isinstance(e, Mapping)]
+    steps = [e.get("step", "?") for e in records] or ["?"]
+    pruned = sum(len(e.get("prune", [])) for e in records)
+    added = sum(len(e.get("expand", [])) for e in records)
+    events = "1 reallocation event" if len(history) == 1 else f"{len(history)} reallocation events"
     return (
-        f"{len(history)} reallocation events between optimizer steps {first} and {last} moved {moves} directions "
-        f"(see `{RANK_HISTORY_NAME}`)."
+        f"{events} between optimizer steps {steps[0]} and {steps[-1]} pruned {pruned} and added {added} "
+        f"directions (see `{RANK_HISTORY_NAME}`)."
     )
 
 

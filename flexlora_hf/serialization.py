@@ -96,27 +96,32 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+def modules_to_save_roots(model: FlexLoRAModel) -> list[str]:
+    """Paths of the outermost modules matched by `config.modules_to_save`, in model order."""
+    patterns = [str(p) for p in (model.flexlora_config.modules_to_save or [])]
+    roots: list[str] = []
+    if not patterns:
+        return roots
+    for name, _ in model.get_base_model().named_modules():
+        if name and _matches(name, patterns) and not any(name.startswith(r + ".") for r in roots):
+            roots.append(name)
+    if not roots:
+        logger.warning("modules_to_save=%s matches no module of the base model; nothing extra is saved.", patterns)
+    return roots
+
+
 def modules_to_save_state(model: FlexLoRAModel) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers of the `modules_to_save` modules, keyed by their path in the base model.
 
     Tensors are cloned to contiguous CPU copies: safetensors refuses tensors that share storage (tied weights).
     """
-    patterns = [str(p) for p in (model.flexlora_config.modules_to_save or [])]
-    if not patterns:
-        return {}
     base = model.get_base_model()
     out: dict[str, torch.Tensor] = {}
-    roots: list[str] = []
-    for name, module in base.named_modules():
-        if not name or not _matches(name, patterns) or any(name.startswith(r + ".") for r in roots):
-            continue
-        roots.append(name)
-        for key, tensor in module.state_dict().items():
+    for root in modules_to_save_roots(model):
+        for key, tensor in base.get_submodule(root).state_dict().items():
             if key.rsplit(".", 1)[-1] in _ADAPTER_TENSOR_NAMES:  # saved in compact form with the adapter
                 continue
-            out[f"{name}.{key}"] = tensor.detach().to("cpu").clone().contiguous()
-    if not roots:
-        logger.warning("modules_to_save=%s matches no module of the base model; nothing extra is saved.", patterns)
+            out[f"{root}.{key}"] = tensor.detach().to("cpu").clone().contiguous()
     return out
 
 
@@ -205,9 +210,25 @@ def peft_export(model: FlexLoRAModel) -> tuple[dict[str, Any], dict[str, torch.T
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     conv1d = False
+    roots = modules_to_save_roots(model)
+    saved_in_full = modules_to_save_state(model)
     for name, layer in model.flexlora_layers():
         compact = layer.compact()
         rank = int(compact["lam"].shape[0])
+        if any(name == r or name.startswith(r + ".") for r in roots):
+            # PEFT never puts LoRA layers inside a modules_to_save copy (it ignores such targets), so ΔW goes into
+            # the full weight that PEFT saves for that module instead: exact, and loadable by stock PEFT.
+            key = f"{name}.base_layer.weight"
+            weight = saved_in_full.get(key)
+            if weight is None or not weight.is_floating_point():  # e.g. a packed 4-bit weight: cannot add ΔW
+                raise ValueError(
+                    f"PEFT export: {name} is adapted inside modules_to_save {roots} and its weight cannot hold the "
+                    "merged update; exclude it from target_modules."
+                )
+            delta = layer.delta_weight().T if layer.fan_in_fan_out else layer.delta_weight()
+            saved_in_full[key] = (weight.float() + delta.cpu()).to(weight.dtype)
+            logger.info("PEFT view: %s lies inside modules_to_save; its update is merged into the saved weight.", name)
+            continue
         if rank == 0:
             continue
         ranks[name] = rank
@@ -218,7 +239,7 @@ def peft_export(model: FlexLoRAModel) -> tuple[dict[str, Any], dict[str, torch.T
         tensors[f"{PEFT_KEY_PREFIX}{name}.lora_A.weight"] = compact["Q"].to("cpu").contiguous()  # (r, in)
         lora_B = (P * lam * layer.scaling).to(dtype)  # (out, r)
         tensors[f"{PEFT_KEY_PREFIX}{name}.lora_B.weight"] = lora_B.to("cpu").contiguous()
-    for key, tensor in modules_to_save_state(model).items():
+    for key, tensor in saved_in_full.items():
         tensors[PEFT_KEY_PREFIX + _peft_module_path(key)] = tensor
 
     if not ranks:

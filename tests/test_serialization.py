@@ -22,6 +22,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
 )
 
 from flexlora_hf import FlexLoRAConfig, FlexLoRAModel, get_flexlora_model, plan_reallocation
@@ -400,6 +402,31 @@ def test_rank_zero_module_is_left_out_of_peft_view(tmp_path: Path) -> None:
     assert torch.equal(logits(loaded), logits(fm))
 
 
+def test_adapted_layer_inside_modules_to_save(tmp_path: Path) -> None:
+    # RoBERTa's head `classifier` holds linear layers (`dense`, `out_proj`) that a suffix target can also adapt.
+    def roberta() -> RobertaForSequenceClassification:
+        torch.manual_seed(0)
+        cfg = RobertaConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+            vocab_size=100,
+            max_position_embeddings=70,
+            num_labels=2,
+        )
+        return RobertaForSequenceClassification(cfg).eval()
+
+    fm = trained(roberta, events=1, target_modules=["query", "dense"], b0=1)
+    assert "classifier.dense" in fm.module_names and fm.flexlora_config.modules_to_save == ["classifier"]
+    save_flexlora(fm, tmp_path)
+    adapter_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert "classifier.dense" not in adapter_config["target_modules"]  # PEFT would ignore it: merged instead
+    peft_model = PeftModel.from_pretrained(roberta(), str(tmp_path)).eval()
+    torch.testing.assert_close(logits(peft_model), logits(fm), rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits(load_flexlora(roberta(), tmp_path)), logits(fm))
+
+
 def test_rank_pattern_keys_are_ordered_deepest_first() -> None:
     fm = get_flexlora_model(tiny_llama(), config())
     adapter_config, _ = ser.peft_export(fm)
@@ -439,6 +466,7 @@ def test_model_card_metadata_and_body(bert_dir: tuple[FlexLoRAModel, Path]) -> N
     assert header in text
     for layer_index in (0, 1):
         assert f"\n| {layer_index} | " in text
+    assert "3 reallocation events between optimizer steps 20 and 40 pruned" in text
     assert "## Budget" in text and "fixed-rank LoRA with the same total rank" in text
     assert f"| total rank | {fm.total_rank()} " in text
     assert "## FlexLoRA hyper-parameters" in text and "| importance | entropy |" in text
