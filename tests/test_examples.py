@@ -338,6 +338,55 @@ def test_run_glue_rejects_two_data_sources(tmp_path):
         )
 
 
+# ---------------------------------------------------------------------------------------------------- GLUE recipes
+TABLE_8 = {  # task: (max_seq_length, learning_rate, epochs, T_warmup, T_final, Delta_T), paper Appendix D
+    "cola": (64, 8e-4, 20, 1000, 1000, 200),
+    "mnli": (256, 5e-4, 12, 5000, 5000, 1000),
+    "mrpc": (256, 1e-3, 30, 500, 500, 100),
+    "rte": (512, 1.2e-3, 50, 500, 500, 100),
+    "qnli": (256, 5e-4, 5, 1000, 1000, 200),
+    "sst2": (256, 8e-4, 20, 5000, 5000, 1000),
+    "stsb": (256, 2.2e-3, 20, 1000, 1000, 200),
+    "qqp": (320, 8e-4, 5, 5000, 5000, 1000),
+}
+
+
+@pytest.mark.parametrize("task", sorted(TABLE_8))
+def test_glue_recipe_matches_table_8(task, tmp_path):
+    """The recipe's command line parses through run_glue's parser into the paper's hyper-parameters."""
+    import subprocess
+
+    argv_file = tmp_path / "argv.txt"
+    shim = tmp_path / "python"
+    shim.write_text(f'#!/bin/sh\nshift\nprintf "%s\\n" "$@" > {argv_file}\n')  # drop the script path
+    shim.chmod(0o755)
+    recipe = EXAMPLES / "glue_recipes" / "run_glue_paper.sh"
+    subprocess.run(
+        ["bash", str(recipe), task, "--seed", "3"], check=True, env={"PATH": "/usr/bin:/bin", "PYTHON": str(shim)}
+    )
+    argv = argv_file.read_text().splitlines()
+    model_args, data_args, training_args, flexlora_args = load_script("run_glue").parse_args(argv)
+    config = flexlora_args.to_flexlora_config(seed=training_args.seed)
+    max_len, lr, epochs, t_warmup, t_final, delta_t = TABLE_8[task]
+    assert model_args.model_name_or_path == "microsoft/deberta-v3-base"
+    assert data_args.task_name == task and data_args.max_seq_length == max_len
+    assert training_args.learning_rate == pytest.approx(lr) and training_args.num_train_epochs == epochs
+    assert training_args.per_device_train_batch_size == 32 and training_args.warmup_steps == pytest.approx(0.1)
+    assert getattr(training_args.lr_scheduler_type, "value", None) == "linear"
+    assert getattr(training_args.optim, "value", None) == "adamw_torch"
+    assert (config.r, config.lora_alpha, config.b0) == (8, 16, 4)
+    assert (config.t_warmup, config.t_final, config.delta_t) == (t_warmup, t_final, delta_t)
+    assert config.target_modules == [
+        "query_proj",
+        "key_proj",
+        "value_proj",
+        "attention.output.dense",
+        "intermediate.dense",
+        "output.dense",
+    ]
+    assert training_args.seed == 3 and config.seed == 3  # extra arguments override the defaults
+
+
 # ---------------------------------------------------------------------------------------------------- run_clm
 def test_run_clm_local_text(tiny_llama_dir, tmp_path):
     lines = [text for text, _ in _sentences(300, seed=6)]
