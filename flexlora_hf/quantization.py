@@ -81,8 +81,14 @@ def _unpack_cpu_weight(module: nn.Module) -> bool:
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is None or not getattr(quant_state, "packing_format_for_cpu", False):
         return False
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
+    try:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError as err:  # pragma: no cover - a bitsandbytes that packs always ships the inverse
+        raise RuntimeError(
+            "A bitsandbytes 4-bit layer was already repacked for CPU inference and this bitsandbytes version offers "
+            "no way back; gradients would not flow through it. Reload the model and apply guard_bnb_cpu (or wrap it "
+            "with get_flexlora_model) before any evaluation."
+        ) from err
     weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, quant_state)
     return True
 
