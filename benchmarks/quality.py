@@ -83,17 +83,23 @@ DEFAULT_REPORT = Path("docs/results/quality.json")
 
 # ---------------------------------------------------------------------------------------------------------- plan
 def all_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every (task, method, seed) of the benchmark, in a fixed order (cheap tasks first)."""
-    runs = []
-    for task in args.tasks:
-        for method in args.methods:
-            for seed in args.seeds:
-                runs.append({"task": task, "method": method, "seed": seed})
-    if args.ablations:
-        for method in (*ABLATIONS, *LR_PROBES):
-            for seed in args.ablation_seeds:
-                runs.append({"task": ABLATION_TASK, "method": method, "seed": seed})
-    return runs
+    """Every (task, method, seed) of the benchmark in a fixed order: cheap tasks first, then the ablations, then
+    vitaminc (the most expensive), so an interrupted run has the most informative results first."""
+    main = [
+        {"task": task, "method": method, "seed": seed}
+        for task in sorted(args.tasks, key=lambda t: TASKS[t]["max_len"])
+        for method in args.methods
+        for seed in args.seeds
+    ]
+    ablations = [
+        {"task": ABLATION_TASK, "method": method, "seed": seed}
+        for method in (*ABLATIONS, *LR_PROBES)
+        for seed in args.ablation_seeds
+    ]
+    last = max(TASKS, key=lambda t: TASKS[t]["max_len"])
+    if not args.ablations:
+        return main
+    return [r for r in main if r["task"] != last] + ablations + [r for r in main if r["task"] == last]
 
 
 def run_key(run: dict[str, Any]) -> str:
