@@ -294,3 +294,15 @@ def test_unsupported_optimizers_fail_at_train_start(tmp_path, optim):
     pytest.importorskip("bitsandbytes")
     with pytest.raises(ValueError, match="adamw_torch"):
         _run(tiny_bert(), tmp_path, cls_dataset(), optim=optim, max_steps=8, cfg_kwargs={"t_warmup": 2, "t_final": 2})
+
+
+def test_all_linear_skips_layers_inside_modules_to_save():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    cfg = RobertaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, num_labels=2
+    )
+    fm = get_flexlora_model(RobertaForSequenceClassification(cfg), FlexLoRAConfig(r=4, b0=1))
+    assert fm.flexlora_config.modules_to_save == ["classifier"]
+    assert not any(n.startswith("classifier") for n in fm.module_names)
+    assert all(p.requires_grad for p in fm.base_model.classifier.parameters())
