@@ -5,6 +5,7 @@
 
 from .allocation import ReallocationPlan, plan_reallocation
 from .config import FlexLoRAConfig
+from .hub import push_to_hub
 from .importance import importance, importance_batched, spectral_entropy
 from .layer import FlexLoRALayer
 from .model import FlexLoRAModel, get_flexlora_model
@@ -12,6 +13,7 @@ from .model_card import build_model_card
 from .plotting import plot_rank_history
 from .quantization import guard_bnb_cpu, load_base_model
 from .schedule import budget_at, event_steps, is_event_step
+from .serialization import load_adapter_into, load_flexlora, save_flexlora
 from .trainer import FlexLoRACallback, FlexLoRATrainer, FlexLoRATrainerMixin
 
 __version__ = "0.1.0"
@@ -32,8 +34,12 @@ __all__ = [
     "importance",
     "importance_batched",
     "is_event_step",
+    "load_adapter_into",
+    "load_flexlora",
     "load_base_model",
     "plan_reallocation",
     "plot_rank_history",
+    "push_to_hub",
+    "save_flexlora",
     "spectral_entropy",
 ]
