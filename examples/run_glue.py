@@ -78,8 +78,12 @@ class DataTrainingArguments:
         default=None,
         metadata={
             "help": "BIG-bench classification task loaded offline from the BIG-bench archive on PyPI, e.g. "
-            "epistemic_reasoning, vitaminc_fact_verification, hyperbaton, strategyqa."
+            "multiemo (with --bigbench_subtask all_sentence_en), epistemic_reasoning, vitaminc_fact_verification."
         },
+    )
+    bigbench_subtask: str | None = field(
+        default=None,
+        metadata={"help": "Subtask folder of a BIG-bench task split into subtasks (multiemo/all_sentence_en)."},
     )
     bigbench_max_examples: int | None = field(
         default=None, metadata={"help": "Seeded subsample of the BIG-bench task before the train/validation split."}
@@ -171,6 +175,7 @@ def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArgumen
             validation_fraction=data_args.bigbench_validation_fraction,
             seed=seed,
             max_examples=data_args.bigbench_max_examples,
+            subtask=data_args.bigbench_subtask,
         )
     if data_args.train_file is not None or data_args.validation_file is not None:
         data_files = {}
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     config = AutoConfig.from_pretrained(
         model_args.config_name or model_args.model_name_or_path,
         num_labels=num_labels,
-        finetuning_task=task_name or data_args.bigbench_task,
+        finetuning_task=task_name or data_args.bigbench_subtask or data_args.bigbench_task,
         cache_dir=model_args.cache_dir,
         revision=model_args.model_revision,
         token=model_args.token,

@@ -451,6 +451,25 @@ def test_run_clm_jsonl_holds_out_validation(tiny_llama_dir, tmp_path):
     assert metrics["eval_samples"] >= 1 and "perplexity" in metrics
 
 
+# ---------------------------------------------------------------------------------------------------- quickstart
+def test_quickstart_schedule_and_rank_table():
+    quickstart = load_script("quickstart")
+    schedule = quickstart.schedule_for(150)
+    assert schedule == {"t_warmup": 30, "t_final": 30, "delta_t": 7}
+    FlexLoRAConfig(total_steps=150, **schedule).validate()  # a valid window
+    assert quickstart.schedule_for(3) == {"t_warmup": 1, "t_final": 1, "delta_t": 1}
+    ranks = {
+        "bert.encoder.layer.0.attention.self.query": 9,
+        "bert.encoder.layer.0.attention.self.key": 7,
+        "bert.encoder.layer.1.attention.self.query": 8,
+        "bert.encoder.layer.1.intermediate.dense": 10,
+    }
+    table = quickstart.rank_table(ranks).splitlines()
+    assert table[0].split() == ["layer", "Q", "K", "I"]
+    assert table[1].split() == ["L0", "9", "7", "-"]
+    assert table[2].split() == ["L1", "8", "-", "10"]
+
+
 # ---------------------------------------------------------------------------------------------------- slow: real models
 @pytest.mark.slow
 def test_run_glue_minilm_bigbench(tmp_path):
@@ -462,7 +481,9 @@ def test_run_glue_minilm_bigbench(tmp_path):
             "--model_name_or_path",
             str(minilm_path()),
             "--bigbench_task",
-            "epistemic_reasoning",
+            "multiemo",
+            "--bigbench_subtask",
+            "all_sentence_en",
             "--bigbench_max_examples",
             "240",
             "--do_train",
@@ -537,6 +558,18 @@ def test_run_clm_smollm2(tmp_path):
     )
     _assert_adapter_dir(out)
     assert metrics["perplexity"] < 1e4
+
+
+@pytest.mark.slow
+def test_quickstart_small(tmp_path, capsys):
+    out = tmp_path / "quickstart"
+    result = load_script("quickstart").main(
+        ["--max_examples", "240", "--epochs", "1", "--output_dir", str(out), "--no_progress_bar"]
+    )
+    _assert_adapter_dir(out)
+    assert result["events"] >= 1
+    printed = capsys.readouterr().out
+    assert "validation accuracy:" in printed and "rank_heatmap.png" in printed
 
 
 if __name__ == "__main__":  # pragma: no cover
