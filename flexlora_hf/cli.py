@@ -40,26 +40,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="Score an adapter with lm-evaluation-harness and print a results table.")
     ev.add_argument("--base", required=True, help="Base model id or folder.")
-    ev.add_argument("--adapter", default=None, help="FlexLoRA adapter folder, exported PEFT folder or Hub id; "
-                    "omit to score the base model alone.")
-    ev.add_argument("--tasks", required=True, help="Comma-separated lm-eval tasks/groups, e.g. "
-                    "flexlora_bigbench_social_iqa, flexlora_llm_adapters, flexlora_commonsense.")
+    ev.add_argument(
+        "--adapter",
+        default=None,
+        help="FlexLoRA adapter folder, exported PEFT folder or Hub id; omit to score the base model alone.",
+    )
+    ev.add_argument(
+        "--tasks",
+        required=True,
+        help="Comma-separated lm-eval tasks/groups, e.g. "
+        "flexlora_bigbench_social_iqa, flexlora_llm_adapters, flexlora_commonsense.",
+    )
     ev.add_argument("--load_in_4bit", action="store_true", help="Load the base in 4-bit NF4 (bitsandbytes).")
     ev.add_argument("--limit", type=_limit, default=None, help="Rows per task (fraction if < 1); for quick checks.")
     ev.add_argument("--batch_size", default="1", help="lm-eval batch size (an int, or 'auto' on GPU).")
     ev.add_argument("--device", default=None, help="Device (default: cuda if available, else cpu).")
     ev.add_argument("--dtype", default="auto", help="Model dtype (auto = bf16 on CUDA, fp32 on CPU).")
     ev.add_argument("--num_fewshot", type=int, default=None, help="Few-shot examples.")
-    ev.add_argument("--include_path", action="append", default=None,
-                    help="Extra lm-eval task folder (repeatable); flexlora_hf's own tasks are always included.")
-    ev.add_argument("--data_dir", default=None, help="Data folder for the local-data tasks (LLM-Adapters "
-                    "'dataset/' folder or the BIG-bench eval JSONL folder), passed as task metadata.")
+    ev.add_argument(
+        "--include_path",
+        action="append",
+        default=None,
+        help="Extra lm-eval task folder (repeatable); flexlora_hf's own tasks are always included.",
+    )
+    ev.add_argument(
+        "--data_dir",
+        default=None,
+        help="Data folder for the local-data tasks (LLM-Adapters "
+        "'dataset/' folder or the BIG-bench eval JSONL folder), passed as task metadata.",
+    )
     ev.add_argument("--metric", default="auto", help="Metric for the table (auto: exact_match, acc_norm, acc).")
     ev.add_argument("--name", default=None, help="Row label in the table (default: the adapter folder name).")
     ev.add_argument("--output_dir", default=None, help="Write results.md, results.json, lm_eval_results.json here.")
 
-    prep = sub.add_parser("prepare-bigbench", help="Write the held-out BIG-bench eval rows (JSONL) for the offline "
-                          "flexlora_bigbench_* tasks.")
+    prep = sub.add_parser(
+        "prepare-bigbench",
+        help="Write the held-out BIG-bench eval rows (JSONL) for the offline flexlora_bigbench_* tasks.",
+    )
     prep.add_argument("--out_dir", default=None, help="Destination (default: ~/.cache/flexlora_hf/eval_data).")
     prep.add_argument("--tasks", default="social_iqa,strategyqa", help="Comma-separated BIG-bench tasks.")
     prep.add_argument("--limit", type=int, default=None, help="Keep the first N eval rows per task.")
@@ -111,8 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `flexlora-hf`. Returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if args.command == "eval":
         return _run_eval(args)
     if args.command == "prepare-bigbench":

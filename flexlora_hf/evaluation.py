@@ -138,7 +138,9 @@ def build_eval_model(
     """
     from .quantization import load_base_model
 
-    target = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    target = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision is not None:
         kwargs["revision"] = revision
@@ -376,6 +378,7 @@ def results_table(
     groups = set(results.get("groups", {}) or {})
     n_samples = results.get("n-samples", {}) or {}
     rows: dict[str, dict[str, Any]] = {}
+
     def order(task: str) -> tuple[int, str]:
         title = DISPLAY_NAMES.get(task)
         return (_COLUMNS.index(title) if title in _COLUMNS else len(_COLUMNS), task)

@@ -204,8 +204,9 @@ def load_base_model(
         if gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # PEFT skips it with use_reentrant=False; harmless either way
         n = guard_bnb_cpu(model)
-        logger.info("Loaded %s in 4-bit NF4 (%d quantised linear layers, compute dtype %s).", model_id_or_path, n,
-                    compute_dtype)
+        logger.info(
+            "Loaded %s in 4-bit NF4 (%d quantised linear layers, compute dtype %s).", model_id_or_path, n, compute_dtype
+        )
     else:
         model = model_class.from_pretrained(model_id_or_path, **kwargs)
         for p in model.parameters():

@@ -100,11 +100,21 @@ def trained_adapter(tiny_base, tmp_path_factory) -> str:
     ids = [tokenizer(t)["input_ids"][:24] for t in CORPUS[:4]] * 8
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
-    cfg = FlexLoRAConfig(r=2, lora_alpha=4, target_modules=TARGETS, b0=2, t_warmup=2, t_final=2, delta_t=2,
-                         orth_reg_weight=0.0)
-    args = TrainingArguments(output_dir=str(out / "run"), per_device_train_batch_size=1, max_steps=10,
-                             learning_rate=5e-2, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-                             seed=0, logging_steps=5)
+    cfg = FlexLoRAConfig(
+        r=2, lora_alpha=4, target_modules=TARGETS, b0=2, t_warmup=2, t_final=2, delta_t=2, orth_reg_weight=0.0
+    )
+    args = TrainingArguments(
+        output_dir=str(out / "run"),
+        per_device_train_batch_size=1,
+        max_steps=10,
+        learning_rate=5e-2,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        logging_steps=5,
+    )
     trainer = FlexLoRATrainer(model=model, args=args, train_dataset=data, flexlora_config=cfg)
     trainer.train()
     fm = trainer.flexlora_model
@@ -164,8 +174,9 @@ def test_flexlora_model_matches_stock_hf_with_exported_peft(tiny_base, trained_a
     assert stock is not None
     for metric in ("acc,none", "acc_norm,none"):
         assert ours["results"]["tiny_mc"][metric] == stock["results"]["tiny_mc"][metric]
-    torch.testing.assert_close(torch.tensor(loglikelihoods(ours)), torch.tensor(loglikelihoods(stock)),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(loglikelihoods(ours)), torch.tensor(loglikelihoods(stock)), rtol=1e-5, atol=1e-5
+    )
 
     base_only = evaluate_adapter(tiny_base, None, "tiny_mc", include_path=str(tiny_task_dir), log_samples=True)
     assert loglikelihoods(base_only) != pytest.approx(loglikelihoods(ours), abs=1e-4)  # the adapter does something
@@ -179,12 +190,13 @@ def test_flexlora_model_loads_a_peft_only_folder(tiny_base, trained_adapter, tin
     peft_only.mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(Path(trained_adapter) / name, peft_only / name)
-    a = evaluate_adapter(tiny_base, trained_adapter, "tiny_mc", include_path=str(tiny_task_dir), log_samples=True,
-                         limit=4)
-    b = evaluate_adapter(tiny_base, str(peft_only), "tiny_mc", include_path=str(tiny_task_dir), log_samples=True,
-                         limit=4)
-    torch.testing.assert_close(torch.tensor(loglikelihoods(a)), torch.tensor(loglikelihoods(b)), rtol=1e-5,
-                               atol=1e-5)
+    a = evaluate_adapter(
+        tiny_base, trained_adapter, "tiny_mc", include_path=str(tiny_task_dir), log_samples=True, limit=4
+    )
+    b = evaluate_adapter(
+        tiny_base, str(peft_only), "tiny_mc", include_path=str(tiny_task_dir), log_samples=True, limit=4
+    )
+    torch.testing.assert_close(torch.tensor(loglikelihoods(a)), torch.tensor(loglikelihoods(b)), rtol=1e-5, atol=1e-5)
 
 
 def test_flexlora_model_4bit_base_from_model_args_string(tiny_base, trained_adapter, tiny_task_dir):
@@ -231,8 +243,16 @@ def test_shipped_task_configs_are_indexed():
     import yaml
 
     group = yaml.safe_load((TASKS_DIR / "commonsense" / "flexlora_commonsense.yaml").read_text())
-    assert group["task"] == ["boolq", "piqa", "social_iqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
-                             "openbookqa"]
+    assert group["task"] == [
+        "boolq",
+        "piqa",
+        "social_iqa",
+        "hellaswag",
+        "winogrande",
+        "arc_easy",
+        "arc_challenge",
+        "openbookqa",
+    ]
 
 
 def test_llm_adapters_task_end_to_end(tiny_base, trained_adapter, tmp_path):
@@ -240,14 +260,23 @@ def test_llm_adapters_task_end_to_end(tiny_base, trained_adapter, tmp_path):
     folder = tmp_path / "dataset" / "boolq"
     folder.mkdir(parents=True)
     rows = [
-        {"instruction": f"Please answer the following question with true or false, question: is {i} even?\n\n"
-                        "Answer format: true/false", "input": "", "output": "the correct answer is true",
-         "answer": "true" if i % 2 == 0 else "false"}
+        {
+            "instruction": f"Please answer the following question with true or false, question: is {i} even?\n\n"
+            "Answer format: true/false",
+            "input": "",
+            "output": "the correct answer is true",
+            "answer": "true" if i % 2 == 0 else "false",
+        }
         for i in range(3)
     ]
     (folder / "test.json").write_text(json.dumps(rows))
-    results = evaluate_adapter(tiny_base, trained_adapter, "flexlora_llm_adapters_boolq", log_samples=True,
-                               metadata={"data_dir": str(tmp_path / "dataset")})
+    results = evaluate_adapter(
+        tiny_base,
+        trained_adapter,
+        "flexlora_llm_adapters_boolq",
+        log_samples=True,
+        metadata={"data_dir": str(tmp_path / "dataset")},
+    )
     task = results["results"]["flexlora_llm_adapters_boolq"]
     assert 0.0 <= task["exact_match,none"] <= 1.0
     samples = results["samples"]["flexlora_llm_adapters_boolq"]
@@ -317,7 +346,7 @@ def test_bigbench_to_commonsense_formats():
     )
     assert rows[0] == {
         "instruction": "Please choose the correct answer to the question: Why did Tracy go?\n\n"
-                       "Answer1: a Answer2: b Answer3: c\n\nAnswer format: answer1/answer2/answer3",
+        "Answer1: a Answer2: b Answer3: c\n\nAnswer format: answer1/answer2/answer3",
         "input": "",
         "output": "the correct answer is answer3",
         "answer": "answer3",
@@ -365,8 +394,9 @@ def test_bigbench_split_is_disjoint_and_eval_data_is_written(toy_bigbench, tmp_p
 
 def test_offline_bigbench_task_scores(tiny_base, trained_adapter, toy_bigbench, tmp_path):
     prepare_bigbench_eval_data(tmp_path / "eval", ["social_iqa"])
-    results = evaluate_adapter(tiny_base, trained_adapter, "flexlora_bigbench_social_iqa",
-                               metadata={"data_dir": str(tmp_path / "eval")})
+    results = evaluate_adapter(
+        tiny_base, trained_adapter, "flexlora_bigbench_social_iqa", metadata={"data_dir": str(tmp_path / "eval")}
+    )
     task = results["results"]["flexlora_bigbench_social_iqa"]
     assert 0.0 <= task["acc,none"] <= 1.0 and 0.0 <= task["acc_norm,none"] <= 1.0
     assert results["n-samples"]["flexlora_bigbench_social_iqa"]["effective"] == 5
@@ -390,7 +420,10 @@ def _fake_results() -> dict:
 def test_results_table(tmp_path):
     markdown, summary = results_table(_fake_results(), name="FlexLoRA r=8", output_dir=tmp_path)
     assert list(summary["tasks"]) == [  # paper's column order; the group row is not a task
-        "flexlora_llm_adapters_boolq", "flexlora_llm_adapters_piqa", "social_iqa", "hellaswag"
+        "flexlora_llm_adapters_boolq",
+        "flexlora_llm_adapters_piqa",
+        "social_iqa",
+        "hellaswag",
     ]
     assert summary["tasks"]["hellaswag"]["metric"] == "acc_norm"
     assert summary["tasks"]["social_iqa"]["n"] == 100
@@ -408,8 +441,25 @@ def test_cli_eval_prints_and_writes_table(tiny_base, trained_adapter, tiny_task_
     from flexlora_hf.cli import main
 
     out = tmp_path / "out"
-    code = main(["eval", "--base", tiny_base, "--adapter", trained_adapter, "--tasks", "tiny_mc",
-                 "--include_path", str(tiny_task_dir), "--limit", "4", "--device", "cpu", "--output_dir", str(out)])
+    code = main(
+        [
+            "eval",
+            "--base",
+            tiny_base,
+            "--adapter",
+            trained_adapter,
+            "--tasks",
+            "tiny_mc",
+            "--include_path",
+            str(tiny_task_dir),
+            "--limit",
+            "4",
+            "--device",
+            "cpu",
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "| Method | tiny_mc | Avg. |" in printed
@@ -428,10 +478,30 @@ def test_python_m_evaluation_forwards_to_lm_eval(tiny_base, trained_adapter, tin
     out = tmp_path / "lm_eval_out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "flexlora_hf.evaluation", "--model", "flexlora",
-         "--model_args", f"pretrained={tiny_base},adapter={trained_adapter}", "--tasks", "tiny_mc",
-         "--include_path", str(tiny_task_dir), "--device", "cpu", "--limit", "3", "--output_path", str(out)],
-        capture_output=True, text=True, env=env, timeout=600, check=False,
+        [
+            sys.executable,
+            "-m",
+            "flexlora_hf.evaluation",
+            "--model",
+            "flexlora",
+            "--model_args",
+            f"pretrained={tiny_base},adapter={trained_adapter}",
+            "--tasks",
+            "tiny_mc",
+            "--include_path",
+            str(tiny_task_dir),
+            "--device",
+            "cpu",
+            "--limit",
+            "3",
+            "--output_path",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny_mc" in proc.stdout
@@ -458,17 +528,54 @@ def test_commonsense_example_end_to_end_on_cpu(tiny_base, toy_bigbench, tmp_path
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     example = finetune.tokenize_row(rows[0], tokenizer, 256, train_on_inputs=False)
     n_prompt = len(tokenizer(llm_adapters_train_prompt(rows[0]["instruction"], "", ""))["input_ids"])
-    assert example["labels"][:n_prompt] == [-100] * n_prompt and example["labels"][n_prompt:] == \
-        example["input_ids"][n_prompt:]
+    assert (
+        example["labels"][:n_prompt] == [-100] * n_prompt
+        and example["labels"][n_prompt:] == example["input_ids"][n_prompt:]
+    )
     assert example["input_ids"][-1] == tokenizer.eos_token_id
 
-    out = finetune.main([
-        "--model_name_or_path", tiny_base, "--load_in_4bit", "--data_path", data, "--output_dir", str(tmp_path / "ft"),
-        "--val_set_size", "4", "--lora_r", "2", "--b0", "2", "--t_warmup", "2", "--t_final", "2", "--delta_t", "2",
-        "--max_steps", "8", "--per_device_train_batch_size", "4", "--eval_strategy", "steps", "--eval_steps", "3",
-        "--logging_steps", "1", "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--learning_rate", "1e-2",
-        "--disable_tqdm", "true",
-    ])
+    out = finetune.main(
+        [
+            "--model_name_or_path",
+            tiny_base,
+            "--load_in_4bit",
+            "--data_path",
+            data,
+            "--output_dir",
+            str(tmp_path / "ft"),
+            "--val_set_size",
+            "4",
+            "--lora_r",
+            "2",
+            "--b0",
+            "2",
+            "--t_warmup",
+            "2",
+            "--t_final",
+            "2",
+            "--delta_t",
+            "2",
+            "--max_steps",
+            "8",
+            "--per_device_train_batch_size",
+            "4",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "3",
+            "--logging_steps",
+            "1",
+            "--use_cpu",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+            "--learning_rate",
+            "1e-2",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     names = {p.name for p in Path(out).iterdir()}
     assert {"flexlora_config.json", "adapter_config.json", "rank_history.json", "eval_results.json"} <= names
     history = json.loads((Path(out) / "rank_history.json").read_text())
@@ -477,8 +584,9 @@ def test_commonsense_example_end_to_end_on_cpu(tiny_base, toy_bigbench, tmp_path
     assert [e["step"] for e in state["log_history"] if "eval_loss" in e][:2] == [3, 6]
 
     prepare_bigbench_eval_data(tmp_path / "eval", ["social_iqa"])
-    results = evaluate_adapter(tiny_base, out, "flexlora_bigbench_social_iqa", load_in_4bit=True,
-                               metadata={"data_dir": str(tmp_path / "eval")})
+    results = evaluate_adapter(
+        tiny_base, out, "flexlora_bigbench_social_iqa", load_in_4bit=True, metadata={"data_dir": str(tmp_path / "eval")}
+    )
     assert results["n-samples"]["flexlora_bigbench_social_iqa"]["effective"] == 5
 
 
@@ -497,8 +605,9 @@ def test_smollm2_offline_bigbench_social_iqa(tmp_path):
     except Exception as err:  # noqa: BLE001 - no archive and no PyPI access
         pytest.skip(f"BIG-bench archive unavailable: {err}")
     start = time.perf_counter()
-    results = evaluate_adapter(base, None, "flexlora_bigbench_social_iqa", batch_size=4,
-                               metadata={"data_dir": str(tmp_path / "eval")})
+    results = evaluate_adapter(
+        base, None, "flexlora_bigbench_social_iqa", batch_size=4, metadata={"data_dir": str(tmp_path / "eval")}
+    )
     elapsed = time.perf_counter() - start
     markdown, summary = results_table(results, name="SmolLM2-135M (base)", output_dir=tmp_path)
     print(markdown, f"{elapsed:.1f} s")  # noqa: T201 - shown with -s

@@ -189,8 +189,9 @@ def test_wrapping_a_user_loaded_4bit_model_applies_the_guard(tiny_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=make_bnb_config(torch.float32))
     q4 = [m for m in model.modules() if is_linear4bit(m)]
     assert q4 and all(m.support_avx512bf16_for_cpu == HAS_AVX512_BF16 for m in q4)
-    fm = get_flexlora_model(model, FlexLoRAConfig(r=2, target_modules=TARGETS, b0=1, total_steps=10, t_warmup=2,
-                                                  t_final=2, delta_t=2))
+    fm = get_flexlora_model(
+        model, FlexLoRAConfig(r=2, target_modules=TARGETS, b0=1, total_steps=10, t_warmup=2, t_final=2, delta_t=2)
+    )
     assert all(m.support_avx512bf16_for_cpu is False for m in q4)
     with torch.no_grad():  # make λ non-zero so every adapter parameter gets a gradient
         for _, layer in fm.flexlora_layers():
@@ -208,8 +209,9 @@ def qlora_trainer(tmp_path, model, max_steps: int = 16):
     from flexlora_hf.trainer import FlexLoRATrainer
 
     # γ = 0: the orthogonality term would give P and Q gradients of its own and hide a dead task-loss gradient.
-    cfg = FlexLoRAConfig(r=2, lora_alpha=4, target_modules=TARGETS, b0=2, t_warmup=4, t_final=4, delta_t=2,
-                         orth_reg_weight=0.0)
+    cfg = FlexLoRAConfig(
+        r=2, lora_alpha=4, target_modules=TARGETS, b0=2, t_warmup=4, t_final=4, delta_t=2, orth_reg_weight=0.0
+    )
     args = TrainingArguments(
         output_dir=str(tmp_path / "run"),
         per_device_train_batch_size=8,
@@ -227,8 +229,9 @@ def qlora_trainer(tmp_path, model, max_steps: int = 16):
         seed=0,
         dataloader_num_workers=0,
     )
-    return FlexLoRATrainer(model=model, args=args, train_dataset=lm_data(), eval_dataset=lm_data(16, seed=1),
-                           flexlora_config=cfg)
+    return FlexLoRATrainer(
+        model=model, args=args, train_dataset=lm_data(), eval_dataset=lm_data(16, seed=1), flexlora_config=cfg
+    )
 
 
 def grad_norms_after_first_eval(trainer) -> list[float]:

@@ -56,7 +56,9 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str = field(metadata={"help": "commonsense_170k-format JSON: list of {instruction,input,output,answer}."})
+    data_path: str = field(
+        metadata={"help": "commonsense_170k-format JSON: list of {instruction,input,output,answer}."}
+    )
     val_set_size: int = field(default=120, metadata={"help": "Rows held out for evaluation (0: none)."})
     cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per example (LLM-Adapters: 256)."})
     train_on_inputs: bool = field(
@@ -124,9 +126,7 @@ def load_rows(path: str) -> list[dict[str, str]]:
     return rows
 
 
-def tokenize_row(
-    row: dict[str, str], tokenizer: Any, cutoff_len: int, train_on_inputs: bool
-) -> dict[str, list[int]]:
+def tokenize_row(row: dict[str, str], tokenizer: Any, cutoff_len: int, train_on_inputs: bool) -> dict[str, list[int]]:
     """LLM-Adapters' tokenisation: full prompt + EOS (when it fits), labels = ids with the prompt masked."""
     full = llm_adapters_train_prompt(row["instruction"], row.get("input") or "", row["output"])
     ids = tokenizer(full, truncation=True, max_length=cutoff_len)["input_ids"]
@@ -164,7 +164,9 @@ def build_datasets(data_args: DataArguments, tokenizer: Any) -> tuple[Any, Any]:
     return dataset, eval_dataset
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, FlexLoRAArguments, TrainingArguments]:
+def parse_args(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, FlexLoRAArguments, TrainingArguments]:
     parser = HfArgumentParser((ModelArguments, DataArguments, FlexLoRAArguments, TrainingArguments))  # type: ignore[arg-type]
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
@@ -182,8 +184,9 @@ def main(argv: list[str] | None = None) -> str:
     transformers.utils.logging.set_verbosity_warning()
     logger.info("Model %s | data %s | FlexLoRA %s", model_args, data_args, flex_args)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
-                                              trust_remote_code=model_args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token  # padded labels are -100 either way
     tokenizer.padding_side = "right"
@@ -228,8 +231,9 @@ def main(argv: list[str] | None = None) -> str:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-    logger.info("Adapter saved to %s (final ranks: total %d)", training_args.output_dir,
-                trainer.flexlora_model.total_rank())
+    logger.info(
+        "Adapter saved to %s (final ranks: total %d)", training_args.output_dir, trainer.flexlora_model.total_rank()
+    )
     return str(training_args.output_dir)
 
 

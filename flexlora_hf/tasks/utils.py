@@ -114,7 +114,7 @@ def llm_adapters_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Pat
         raise FileNotFoundError(
             "The flexlora_llm_adapters_* tasks read LLM-Adapters' test files: set "
             f"{LLM_ADAPTERS_DATA_ENV}=/path/to/LLM-Adapters/dataset (the folder with boolq/test.json, "
-            "piqa/test.json, ...), or pass --metadata '{\"data_dir\": \"/path/to/LLM-Adapters/dataset\"}' to lm-eval."
+            'piqa/test.json, ...), or pass --metadata \'{"data_dir": "/path/to/LLM-Adapters/dataset"}\' to lm-eval.'
         )
     return Path(value).expanduser()
 
@@ -298,8 +298,9 @@ def bigbench_to_commonsense(records: Iterable[dict[str, Any]]) -> list[dict[str,
             instruction = (
                 f"Please choose the correct answer to the question: {question}\n\n{options}\n\nAnswer format: {formats}"
             )
-        rows.append({"instruction": instruction, "input": "", "output": f"the correct answer is {answer}",
-                     "answer": answer})
+        rows.append(
+            {"instruction": instruction, "input": "", "output": f"the correct answer is {answer}", "answer": answer}
+        )
     return rows
 
 
