@@ -24,15 +24,20 @@ of the 6 layers) with rank 8, ``lora_alpha`` 16, and trains the classifier head 
 * ``adalora``: PEFT AdaLoRA init_r = 12, target_r = 8: the final budget is 36 x 8 = 288 ranks, exactly
   FlexLoRA's total rank (AdaLoRA's own 1.5x recipe; PEFT cannot run init_r = target_r, see docs/benchmarks.md),
   with the same tinit / tfinal / deltaT as FlexLoRA, ``update_and_allocate`` after every optimizer step.
-* Both SVD methods use the orthogonality weight 0.1. Same optimizer (AdamW, lr, linear schedule with 10 % warm-up),
-  batch, steps, sequence length, seeds.
+* Both SVD methods use the orthogonality weight 0.1. Same optimizer (AdamW, no weight decay, linear schedule with
+  10 % warm-up), batch 16, 150 steps, sequence length, seeds (0-2), 400 validation examples.
 
-Defaults: 150 optimizer steps of batch 16, lr 2e-3 (AdamW, no weight decay), 400 validation examples, seeds 0-2.
+Learning rate: the only hyper-parameter that differs in the main table. LoRA trains at 2e-3 and the two SVD-form
+methods at 1e-2: with λ = 0 and N(0, 0.02²) vectors at the start, Adam moves one scalar λ per direction where LoRA
+moves a whole column of B, so at LoRA's learning rate the SVD forms barely leave the base model within 150 steps.
+Each method's rate is the better of {2e-3, 1e-2} on hyperbaton (seeds 0-1); that grid, all three methods at both
+rates, is reported too (the same-hyper-parameter comparison), with FlexLoRA without the orthogonality term as a
+diagnostic.
 
-Ablations (the paper's Tables 4-6) on ``hyperbaton``, seeds 0-1: importance entropy / nuclear / frobenius; allocation
-bidirectional / prune_only / expand_only; expansion init zero_impact / small / zero / orthogonal. The default
-FlexLoRA run (entropy, bidirectional, zero_impact) is shared with the main comparison. Plus an LR probe: the three
-methods at lr 1e-2 (5x), to tell the SVD form's slower start under Adam from the allocation method itself.
+Ablations (the paper's Tables 4-6) on ``hyperbaton`` (``--ablation-task``), seeds 0-1, FlexLoRA at lr 1e-2:
+importance entropy / nuclear / frobenius; allocation bidirectional / prune_only / expand_only; expansion init
+zero_impact / small / zero / orthogonal. The default FlexLoRA run (entropy, bidirectional, zero_impact) is shared
+with the main comparison. ``--parts`` selects main / grid / ablations.
 """
 
 from __future__ import annotations
@@ -62,19 +67,28 @@ TASKS = {
 }
 ABLATION_TASK = "hyperbaton"
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-METHODS = ("lora", "adalora", "flexlora")
-ABLATIONS = (
-    "flexlora:importance=nuclear",
-    "flexlora:importance=frobenius",
-    "flexlora:allocation=prune_only",
-    "flexlora:allocation=expand_only",
-    "flexlora:expansion_init=small",
-    "flexlora:expansion_init=zero",
-    "flexlora:expansion_init=orthogonal",
+# Learning rates: LoRA at 2e-3; the two SVD-form methods (λ = 0 and N(0, 0.02²) vectors at the start) at 1e-2.
+# Chosen as the better of {2e-3, 1e-2} per method on hyperbaton (seeds 0-1, see LR_GRID); the grid itself, with all
+# three methods at both learning rates, is the same-hyper-parameter comparison.
+SVD_LR = "lr=0.01"
+METHODS = ("lora", f"adalora:{SVD_LR}", f"flexlora:{SVD_LR}")
+METHOD_LABELS = {"lora": "PEFT LoRA (lr 2e-3)", METHODS[1]: "PEFT AdaLoRA (lr 1e-2)", METHODS[2]: "FlexLoRA (lr 1e-2)"}
+LR_GRID = ("lora", "adalora", "flexlora", "lora:lr=0.01", "adalora:lr=0.01", "flexlora:lr=0.01")
+# FlexLoRA without the orthogonality term (is γ·R what slows it down?).
+DIAGNOSTICS = ("flexlora:lr=0.01,orth_reg_weight=0.0",)
+ABLATIONS = tuple(
+    f"flexlora:{change},{SVD_LR}"
+    for change in (
+        "importance=nuclear",
+        "importance=frobenius",
+        "allocation=prune_only",
+        "allocation=expand_only",
+        "expansion_init=small",
+        "expansion_init=zero",
+        "expansion_init=orthogonal",
+    )
 )
-# The same three methods at 5x the learning rate (hyperbaton): tests whether a gap is the SVD form's slower start
-# under Adam (one scalar λ per direction vs a whole LoRA B column) rather than the allocation method.
-LR_PROBES = ("lora:lr=0.01", "adalora:lr=0.01", "flexlora:lr=0.01")
+PARTS = ("main", "grid", "ablations")
 SEEDS = (0, 1, 2)
 ABLATION_SEEDS = (0, 1)
 DEFAULT_RUNS = Path("docs/results/quality_runs.jsonl")
@@ -83,23 +97,34 @@ DEFAULT_REPORT = Path("docs/results/quality.json")
 
 # ---------------------------------------------------------------------------------------------------------- plan
 def all_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every (task, method, seed) of the benchmark in a fixed order: cheap tasks first, then the ablations, then
-    vitaminc (the most expensive), so an interrupted run has the most informative results first."""
+    """Every (task, method, seed) of the selected parts in a fixed order: the main comparison on the cheap tasks,
+    the LR grid and diagnostics, the ablations, then the most expensive task (vitaminc), so an interrupted run has
+    the most informative results first. Runs shared between parts (same key) appear once."""
     main = [
         {"task": task, "method": method, "seed": seed}
         for task in sorted(args.tasks, key=lambda t: TASKS[t]["max_len"])
         for method in args.methods
         for seed in args.seeds
     ]
-    ablations = [
+    grid = [
         {"task": ABLATION_TASK, "method": method, "seed": seed}
-        for method in (*ABLATIONS, *LR_PROBES)
+        for method in (*LR_GRID, *DIAGNOSTICS)
+        for seed in args.ablation_seeds
+    ]
+    ablations = [
+        {"task": args.ablation_task, "method": method, "seed": seed}
+        for method in ABLATIONS
         for seed in args.ablation_seeds
     ]
     last = max(TASKS, key=lambda t: TASKS[t]["max_len"])
-    if not args.ablations:
-        return main
-    return [r for r in main if r["task"] != last] + ablations + [r for r in main if r["task"] == last]
+    ordered = [r for r in main if r["task"] != last and "main" in args.parts]
+    ordered += grid if "grid" in args.parts else []
+    ordered += ablations if "ablations" in args.parts else []
+    ordered += [r for r in main if r["task"] == last and "main" in args.parts]
+    unique: dict[str, dict[str, Any]] = {}
+    for run in ordered:
+        unique.setdefault(run_key(run), run)
+    return list(unique.values())
 
 
 def run_key(run: dict[str, Any]) -> str:
@@ -147,10 +172,17 @@ def load_task(task: str, n_train: int, n_eval: int, tokenizer: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------- methods
-def parse_method(method: str) -> tuple[str, dict[str, str]]:
-    """``flexlora:importance=nuclear`` -> ("flexlora", {"importance": "nuclear"})."""
+def _coerce(value: str) -> Any:
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(value)
+    return value
+
+
+def parse_method(method: str) -> tuple[str, dict[str, Any]]:
+    """``flexlora:importance=nuclear,lr=0.01`` -> ("flexlora", {"importance": "nuclear", "lr": 0.01})."""
     name, _, rest = method.partition(":")
-    overrides = dict(item.split("=", 1) for item in rest.split(",") if item)
+    overrides = {k: _coerce(v) for k, v in (item.split("=", 1) for item in rest.split(",") if item)}
     return name, overrides
 
 
@@ -175,16 +207,16 @@ def make_trainer(method: str, model: Any, args: argparse.Namespace, targs: Any, 
     if name == "flexlora":
         from flexlora_hf import FlexLoRAConfig, FlexLoRATrainer
 
-        cfg = FlexLoRAConfig(
-            r=args.r,
-            lora_alpha=args.alpha,
-            target_modules=list(TARGETS),
-            b0=args.b0,
-            orth_reg_weight=args.orth_reg_weight,
-            seed=targs.seed,
+        fields = {
+            "r": args.r,
+            "lora_alpha": args.alpha,
+            "target_modules": list(TARGETS),
+            "b0": args.b0,
+            "orth_reg_weight": args.orth_reg_weight,
+            "seed": targs.seed,
             **sched,
-            **overrides,
-        )
+        }
+        cfg = FlexLoRAConfig(**(fields | overrides))
         return FlexLoRATrainer(model=model, flexlora_config=cfg, **common)
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
@@ -351,17 +383,23 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def report(args: argparse.Namespace) -> dict[str, Any]:
+    """Aggregate the runs file into ``--report-file`` and print the markdown tables."""
     rows = load_runs(args.runs_file)
-    ablation_rows = [r for r in rows if r["task"] == ABLATION_TASK and r["seed"] in args.ablation_seeds]
+    seeds2 = set(args.ablation_seeds)
+    main_rows = [r for r in rows if r["method"] in args.methods and r["seed"] in args.seeds]
+    grid_rows = [r for r in rows if r["task"] == ABLATION_TASK and r["method"] in (*LR_GRID, *DIAGNOSTICS)]
+    abl_rows = [r for r in rows if r["task"] == args.ablation_task and r["method"] in (METHODS[2], *ABLATIONS)]
     result = {
         "benchmark": "quality",
         "runs_file": str(args.runs_file),
         "n_runs": len(rows),
-        "settings": {k: rows[0][k] for k in ("steps", "batch_size", "lr", "n_train", "n_eval")} if rows else {},
+        "settings": {k: rows[0][k] for k in ("steps", "batch_size", "n_train", "n_eval")} if rows else {},
         "machine": machine_info(pick_device(args.device)),
-        "summary": aggregate(rows),
-        "ablations": aggregate(ablation_rows).get(ABLATION_TASK, {}),
-        "ablation_seeds": list(args.ablation_seeds),
+        "main": aggregate(main_rows),
+        "lr_grid": aggregate([r for r in grid_rows if r["seed"] in seeds2]).get(ABLATION_TASK, {}),
+        "ablations": aggregate([r for r in abl_rows if r["seed"] in seeds2]).get(args.ablation_task, {}),
+        "ablation_task": args.ablation_task,
+        "ablation_seeds": sorted(seeds2),
     }
     write_json(args.report_file, result)
     print(format_tables(result))
@@ -369,30 +407,55 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_tables(result: dict[str, Any]) -> str:
+    """Markdown: main comparison, same-LR grid, ablations (accuracy mean ± std over seeds, in %)."""
+
     def cell(d: dict[str, Any]) -> str:
         return f"{100 * d['mean']:.1f} ± {100 * d['std']:.1f}"
 
-    s = result["summary"]
-    lines = ["| task | majority | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
+    def ranks(e: dict[str, Any]) -> str:
+        return "-" if not e["final_total_rank"] else "/".join(str(x) for x in e["final_total_rank"])
+
+    s = result["main"]
+    lines = [
+        "| task | majority class | " + " | ".join(METHOD_LABELS[m] for m in METHODS) + " |",
+        "|---|---|" + "---|" * len(METHODS),
+    ]
     for task in TASKS:
-        if task not in s:
-            continue
-        row = [task, f"{100 * next(iter(s[task].values()))['majority_baseline']:.1f}"]
-        row += [cell(s[task][m]["accuracy"]) if m in s[task] else "-" for m in METHODS]
-        lines.append("| " + " | ".join(row) + " |")
+        if task in s:
+            row = [task, f"{100 * next(iter(s[task].values()))['majority_baseline']:.1f}"]
+            row += [
+                f"{cell(s[task][m]['accuracy'])} (n={s[task][m]['accuracy']['n']})" if m in s[task] else "-"
+                for m in METHODS
+            ]
+            lines.append("| " + " | ".join(row) + " |")
+    grid = result.get("lr_grid", {})
+    if grid:
+        lines += [
+            "",
+            f"Same hyper-parameters, {ABLATION_TASK}, seeds {result['ablation_seeds']}:",
+            "",
+            "| method | lr 2e-3 | lr 1e-2 |",
+            "|---|---|---|",
+        ]
+        for m in ("lora", "adalora", "flexlora"):
+            cells = [cell(grid[k]["accuracy"]) if k in grid else "-" for k in (m, f"{m}:lr=0.01")]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        for m in DIAGNOSTICS:
+            if m in grid:
+                lines.append(f"| {m} | - | {cell(grid[m]['accuracy'])} |")
     abl = result.get("ablations", {})
     if abl:
         lines += [
             "",
-            f"Ablations on {ABLATION_TASK}, seeds {result['ablation_seeds']}:",
+            f"Ablations, {result['ablation_task']}, seeds {result['ablation_seeds']}:",
             "",
-            "| variant | accuracy | macro-F1 | final total rank |",
+            "| variant | accuracy | macro-F1 | final total rank per seed |",
             "|---|---|---|---|",
         ]
-        for m in ("flexlora", *ABLATIONS, "lora", "adalora", *LR_PROBES):
+        for m in (METHODS[2], *ABLATIONS):
             if m in abl:
                 e = abl[m]
-                lines.append(f"| {m} | {cell(e['accuracy'])} | {cell(e['macro_f1'])} | {e['final_total_rank']} |")
+                lines.append(f"| {m} | {cell(e['accuracy'])} | {cell(e['macro_f1'])} | {ranks(e)} |")
     return "\n".join(lines)
 
 
@@ -401,7 +464,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n")[0])
     p.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(TASKS))
     p.add_argument("--methods", nargs="+", default=list(METHODS))
-    p.add_argument("--no-ablations", dest="ablations", action="store_false")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--ablation-task", choices=tuple(TASKS), default=ABLATION_TASK)
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     p.add_argument("--ablation-seeds", type=int, nargs="+", default=list(ABLATION_SEEDS))
     p.add_argument("--steps", type=int, default=150)

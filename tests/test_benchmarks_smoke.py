@@ -77,8 +77,17 @@ def test_quality_plan_and_method_parsing() -> None:
 
     args = quality.parse_args([])
     runs = quality.all_runs(args)
-    assert len(runs) == 3 * 3 * 3 + (7 + 3) * 2
-    assert len({quality.run_key(r) for r in runs}) == len(runs)
-    assert quality.parse_method("flexlora:importance=nuclear") == ("flexlora", {"importance": "nuclear"})
+    keys = [quality.run_key(r) for r in runs]
+    assert len(keys) == len(set(keys))
+    # 3 tasks x 3 methods x 3 seeds, + (6 LR-grid cells + 1 diagnostic) x 2 seeds on hyperbaton of which the 3
+    # main-method cells are shared with the main comparison, + 7 ablations x 2 seeds
+    assert len(runs) == 27 + (7 - 3) * 2 + 7 * 2
+    assert runs[-1]["task"] == "vitaminc_fact_verification"  # the most expensive task runs last
+    only_main = quality.all_runs(quality.parse_args(["--parts", "main", "--tasks", "hyperbaton"]))
+    assert len(only_main) == 9
+    assert quality.parse_method("flexlora:importance=nuclear,lr=0.01") == (
+        "flexlora",
+        {"importance": "nuclear", "lr": 0.01},
+    )
     assert quality.parse_method("lora") == ("lora", {})
     assert quality.schedule(200) == {"t_warmup": 40, "t_final": 40, "delta_t": 10}
