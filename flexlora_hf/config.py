@@ -27,6 +27,14 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"FlexLoRAConfig.{name}={value!r} is not supported; choose one of {', '.join(choices)}.")
 
 
+def _normalise_names(value: Any) -> Any:
+    """Command-line lists may arrive as ['q_proj,v_proj'] or ['all-linear']: split commas, unwrap 'all-linear'."""
+    if isinstance(value, (list, tuple)):
+        names = [n.strip() for item in value for n in str(item).split(",") if n.strip()]
+        return "all-linear" if names == ["all-linear"] else names
+    return value
+
+
 @dataclass
 class FlexLoRAConfig:
     """Configuration of a FlexLoRA adapter and of its rank reallocation schedule.
@@ -43,15 +51,17 @@ class FlexLoRAConfig:
         metadata={"help": "Scaling numerator: ΔW is scaled by lora_alpha / r with the *initial* r, fixed for the run."},
     )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout applied to the adapter input."})
-    target_modules: Any = field(
+    # Typed as a list so HfArgumentParser gives `--target_modules q_proj v_proj` (or `q_proj,v_proj`); a plain
+    # string (a regex, as in PEFT) is accepted from Python.
+    target_modules: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Modules to adapt: a list of names (suffix match, as in PEFT), a regex string (full match on "
-            "the module path), or 'all-linear' (every linear layer except the output head). None picks the "
-            "attention/MLP projections of known architectures."
+            "help": "Modules to adapt: names (suffix match, as in PEFT; space- or comma-separated on the command "
+            "line), 'all-linear' (every linear layer except the output head and modules_to_save), or from Python a "
+            "regex string (full match on the module path). None means 'all-linear'."
         },
     )
-    modules_to_save: Any = field(
+    modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "Extra modules (e.g. a classifier head) that are trained in full and saved with the adapter."},
     )
@@ -75,7 +85,7 @@ class FlexLoRAConfig:
     min_rank: int = field(
         default=1, metadata={"help": "A matrix is never pruned below this rank (paper: 1). 0 allows dropping a module."}
     )
-    max_rank: Any = field(
+    max_rank: int | None = field(
         default=None,
         metadata={
             "help": "Per-module rank cap (int, or mapping module path -> int). None derives the exact cap "
@@ -112,6 +122,8 @@ class FlexLoRAConfig:
     seed: int = field(default=0, metadata={"help": "Seed for initial directions and for every expansion draw."})
 
     def __post_init__(self) -> None:
+        self.target_modules = _normalise_names(self.target_modules)
+        self.modules_to_save = _normalise_names(self.modules_to_save)  # type: ignore[assignment]
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -146,7 +158,7 @@ class FlexLoRAConfig:
             raise ValueError(f"FlexLoRAConfig.orth_reg_weight={self.orth_reg_weight!r} must be >= 0.")
         if not isinstance(self.min_rank, int) or self.min_rank < 0 or self.min_rank > self.r:
             raise ValueError(f"FlexLoRAConfig.min_rank={self.min_rank!r} must be an integer in [0, r={self.r}].")
-        caps = self.max_rank.values() if isinstance(self.max_rank, dict) else [self.max_rank]
+        caps = list(self.max_rank.values()) if isinstance(self.max_rank, dict) else [self.max_rank]
         for cap in caps:
             if cap is not None and (not isinstance(cap, int) or cap < self.r):
                 raise ValueError(

@@ -274,6 +274,21 @@ class FlexLoRALayer(nn.Module):
         self.lora_active[idx] = True
 
     # ------------------------------------------------------------------ merging
+    def check_mergeable(self) -> None:
+        """Raise `ValueError` if ΔW cannot be merged exactly into the base layer (bitsandbytes-quantised base)."""
+        base: Any = self.base_layer
+        kind = type(base).__name__
+        if _is_linear4bit(base) or kind == "Linear8bitLt":
+            raise ValueError(
+                f"Refusing to merge FlexLoRA into a bitsandbytes-quantised {kind} base layer: re-quantising W + ΔW "
+                "rounds most of ΔW away (an update of std 1e-3 on NF4 weights of std 0.02 keeps ~30% of its "
+                "effect), so the merged model would silently lose the fine-tuning. Either keep the adapter unmerged "
+                "(inference on the quantised base matches training), or load the base in full precision "
+                "(`flexlora_hf.quantization.load_base_model(path, load_in_4bit=False)` or `from_pretrained(path, "
+                "dtype=torch.bfloat16)`), load the adapter with `FlexLoRAModel.from_pretrained(base, adapter_dir)` "
+                "and call `merge_and_unload()` there."
+            )
+
     @torch.no_grad()
     def merged_base_layer(self) -> nn.Module:
         """Return the base layer with ΔW added to its weight (the adapter is left untouched).
@@ -288,18 +303,8 @@ class FlexLoRALayer(nn.Module):
         Raises:
             ValueError: if the base layer is bitsandbytes-quantised.
         """
+        self.check_mergeable()
         base: Any = self.base_layer
-        kind = type(base).__name__
-        if _is_linear4bit(base) or kind == "Linear8bitLt":
-            raise ValueError(
-                f"Refusing to merge FlexLoRA into a bitsandbytes-quantised {kind} base layer: re-quantising W + ΔW "
-                "rounds most of ΔW away (an update of std 1e-3 on NF4 weights of std 0.02 keeps ~30% of its "
-                "effect), so the merged model would silently lose the fine-tuning. Either keep the adapter unmerged "
-                "(inference on the quantised base matches training), or load the base in full precision "
-                "(`flexlora_hf.quantization.load_base_model(path, load_in_4bit=False)` or `from_pretrained(path, "
-                "dtype=torch.bfloat16)`), load the adapter with `FlexLoRAModel.from_pretrained(base, adapter_dir)` "
-                "and call `merge_and_unload()` there."
-            )
         delta = self.delta_weight()  # (out, in)
         w = base.weight
         if self.fan_in_fan_out:

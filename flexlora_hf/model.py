@@ -320,7 +320,10 @@ class FlexLoRAModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """Merge ΔW into every wrapped layer and return the plain base model (no adapter code needed to use it)."""
-        for name, layer in list(self.flexlora_layers()):
+        layers = list(self.flexlora_layers())
+        for _, layer in layers:  # refuse before touching anything: no half-merged model
+            layer.check_mergeable()
+        for name, layer in layers:
             _set_module(self.base_model, name, layer.merged_base_layer())
         self._names = []
         return self.base_model

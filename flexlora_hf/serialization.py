@@ -674,7 +674,7 @@ def load_flexlora(
     # Build on exactly the saved modules with the saved capacities, then restore the user-facing config values so
     # that re-saving round-trips them and `finalize_capacity` keeps its meaning.
     config = saved.config
-    build_config = dataclasses.replace(config, target_modules=list(saved.modules), max_rank=dict(saved.capacity))
+    build_config = dataclasses.replace(config, target_modules=list(saved.modules), max_rank=dict(saved.capacity))  # type: ignore[arg-type]  # per-module caps
     model = FlexLoRAModel(base_model, build_config)
     if set(model.module_names) != set(saved.modules):
         unexpected = sorted(set(model.module_names) - set(saved.modules))

@@ -152,3 +152,15 @@ def test_resolved_fills_and_checks_total_steps() -> None:
     assert out.total_steps == 100 and cfg.total_steps is None
     with pytest.raises(ValueError, match="total_steps"):
         cfg.resolved(20)
+
+
+def test_hf_argument_parser_list_flags() -> None:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(FlexLoRAConfig)
+    (cfg,) = parser.parse_args_into_dataclasses(["--target_modules", "q_proj", "v_proj", "--max_rank", "12"])
+    assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.max_rank == 12
+    (cfg,) = parser.parse_args_into_dataclasses(["--target_modules", "q_proj,v_proj", "--modules_to_save", "score"])
+    assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.modules_to_save == ["score"]
+    (cfg,) = parser.parse_args_into_dataclasses(["--target_modules", "all-linear"])
+    assert cfg.target_modules == "all-linear"
