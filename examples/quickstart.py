@@ -46,6 +46,18 @@ MATRIX_LABELS = {
 BERT_TARGETS = "query,key,value,attention.output.dense,intermediate.dense,output.dense"
 
 
+class _TqdmLoggingHandler(logging.Handler):
+    """Writes log records above the progress bar (tqdm.write) instead of into the middle of it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 -- logging must never raise
+            self.handleError(record)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="examples/quickstart.py",
@@ -103,9 +115,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the quickstart; returns the headline numbers (also printed)."""
     args = parse_args(argv)
     start = time.perf_counter()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
+    handler = _TqdmLoggingHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
     import numpy as np
     import torch

@@ -43,3 +43,14 @@ __all__ = [
     "save_flexlora",
     "spectral_entropy",
 ]
+
+# lm-eval is optional and slow to import: the evaluation API is resolved on first use.
+_LAZY = {"evaluate_adapter", "results_table", "prepare_bigbench_eval_data", "FlexLoRALM"}
+
+
+def __getattr__(name: str):  # noqa: ANN202 -- PEP 562 module attribute hook
+    if name in _LAZY:
+        from . import evaluation
+
+        return getattr(evaluation, name)
+    raise AttributeError(f"module 'flexlora_hf' has no attribute {name!r}")
