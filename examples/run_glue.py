@@ -9,7 +9,8 @@ needed for FlexLoRA itself (offline BIG-bench data, local metrics that do not ne
 
 Data, one of:
   * ``--task_name cola`` (any GLUE task) -- ``datasets.load_dataset("nyu-mll/glue", task)``, needs the Hub;
-  * ``--bigbench_task epistemic_reasoning`` -- real data offline, from the BIG-bench source archive on PyPI;
+  * ``--bigbench_task multiemo --bigbench_subtask all_sentence_en`` (or ``epistemic_reasoning``, ...) -- real
+    data offline, from the BIG-bench source archive on PyPI;
   * ``--dataset_name ... [--dataset_config_name ...]`` -- any Hub dataset with a ``label`` column;
   * ``--train_file train.csv --validation_file dev.csv`` -- local csv/json files with a ``label`` column and one or
     two text columns (``sentence1``/``sentence2``, else the first one or two non-label columns).
@@ -17,10 +18,11 @@ Data, one of:
 Example (offline, real model and data)::
 
     python examples/run_glue.py --model_name_or_path "$(python -m flexlora_hf.assets minilm)" \\
-        --bigbench_task epistemic_reasoning --do_train --do_eval --max_seq_length 128 \\
-        --per_device_train_batch_size 32 --learning_rate 1e-3 --num_train_epochs 2 \\
+        --bigbench_task multiemo --bigbench_subtask all_sentence_en --bigbench_max_examples 3000 \\
+        --do_train --do_eval --max_seq_length 64 --per_device_train_batch_size 16 --learning_rate 2e-3 \\
+        --num_train_epochs 1 --warmup_steps 0.1 --modules_to_save classifier,pooler \\
         --target_modules query,key,value,attention.output.dense,intermediate.dense,output.dense \\
-        --t_warmup 20 --t_final 20 --delta_t 5 --output_dir outputs/glue_minilm
+        --t_warmup 30 --t_final 30 --delta_t 7 --output_dir outputs/glue_minilm
 
 The paper's GLUE recipes (DeBERTaV3-base, Table 8) are in ``examples/glue_recipes/``.
 """
