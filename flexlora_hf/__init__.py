@@ -4,6 +4,7 @@
 """
 
 from .allocation import ReallocationPlan, plan_reallocation
+from .arguments import FlexLoRAArguments
 from .config import FlexLoRAConfig
 from .hub import push_to_hub
 from .importance import importance, importance_batched, spectral_entropy
@@ -19,6 +20,7 @@ from .trainer import FlexLoRACallback, FlexLoRATrainer, FlexLoRATrainerMixin
 __version__ = "0.1.0"
 
 __all__ = [
+    "FlexLoRAArguments",
     "FlexLoRACallback",
     "FlexLoRAConfig",
     "FlexLoRALayer",
