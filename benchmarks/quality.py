@@ -407,10 +407,11 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_tables(result: dict[str, Any]) -> str:
-    """Markdown: main comparison, same-LR grid, ablations (accuracy mean ± std over seeds, in %)."""
+    """Markdown: main comparison, same-LR grid, ablations (accuracy in %: mean ± std over seeds (per seed))."""
 
     def cell(d: dict[str, Any]) -> str:
-        return f"{100 * d['mean']:.1f} ± {100 * d['std']:.1f}"
+        seeds = ", ".join(f"{100 * v:.1f}" for v in d["values"])
+        return f"{100 * d['mean']:.1f} ± {100 * d['std']:.1f} ({seeds})"
 
     def ranks(e: dict[str, Any]) -> str:
         return "-" if not e["final_total_rank"] else "/".join(str(x) for x in e["final_total_rank"])
@@ -423,10 +424,7 @@ def format_tables(result: dict[str, Any]) -> str:
     for task in TASKS:
         if task in s:
             row = [task, f"{100 * next(iter(s[task].values()))['majority_baseline']:.1f}"]
-            row += [
-                f"{cell(s[task][m]['accuracy'])} (n={s[task][m]['accuracy']['n']})" if m in s[task] else "-"
-                for m in METHODS
-            ]
+            row += [cell(s[task][m]["accuracy"]) if m in s[task] else "-" for m in METHODS]
             lines.append("| " + " | ".join(row) + " |")
     grid = result.get("lr_grid", {})
     if grid:
