@@ -3,7 +3,7 @@
 Usage::
 
     python -m benchmarks.cost --model tiny                                   # seconds
-    python -m benchmarks.cost --model smollm2 --repeats 3 --steps 3 --output docs/results/cost_smollm2.json
+    python -m benchmarks.cost --model smollm2 --repeats 3 --steps 2 --threads 1 --output benchmarks/results/cost_smollm2.json
 
 Protocol:
 

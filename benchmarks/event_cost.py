@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks.event_cost --output docs/results/event_cost.json
+    python -m benchmarks.event_cost --output benchmarks/results/event_cost.json
 
 What is built: a module tree shaped like LLaMA3-8B (32 layers; q 4096->4096, k and v 4096->1024 (GQA, 8 KV heads),
 up 4096->14336, down 14336->4096; hidden 4096, intermediate 14336) whose linear layers are *shape-only*

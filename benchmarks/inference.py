@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks.inference --model smollm2 --output docs/results/inference_smollm2.json
+    python -m benchmarks.inference --model smollm2 --output benchmarks/results/inference_smollm2.json
 
 Variants (each its own deep copy of the same base model, all in one process, timed round-robin):
 

@@ -3,9 +3,9 @@
 Usage (the full run is sized for about half an hour on 2 CPU cores; run two shards side by side, one thread each,
 then aggregate)::
 
-    python -m benchmarks.quality --shard 0/2 --threads 1 &   # appends to docs/results/quality_runs.jsonl
+    python -m benchmarks.quality --shard 0/2 --threads 1 &   # appends to benchmarks/results/quality_runs.jsonl
     python -m benchmarks.quality --shard 1/2 --threads 1 &
-    python -m benchmarks.quality --report                    # -> docs/results/quality.json + markdown tables
+    python -m benchmarks.quality --report                    # -> benchmarks/results/quality.json + markdown tables
 
 Runs already in the runs file are skipped, so an interrupted run resumes where it stopped.
 
@@ -91,8 +91,8 @@ ABLATIONS = tuple(
 PARTS = ("main", "grid", "ablations")
 SEEDS = (0, 1, 2)
 ABLATION_SEEDS = (0, 1)
-DEFAULT_RUNS = Path("docs/results/quality_runs.jsonl")
-DEFAULT_REPORT = Path("docs/results/quality.json")
+DEFAULT_RUNS = Path("benchmarks/results/quality_runs.jsonl")
+DEFAULT_REPORT = Path("benchmarks/results/quality.json")
 
 
 # ---------------------------------------------------------------------------------------------------------- plan
