@@ -18,7 +18,6 @@ chosen at t.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -32,11 +31,10 @@ from .config import FlexLoRAConfig
 from .model import FlexLoRAModel, get_flexlora_model
 from .optim_surgery import check_optimizer_supported
 from .schedule import budget_at, event_steps, is_event_step
+from .serialization import HEATMAP_NAME, RANK_HISTORY_NAME, _write_json
 
 logger = logging.getLogger(__name__)
 
-RANK_HISTORY_NAME = "rank_history.json"
-HEATMAP_NAME = "rank_heatmap.png"
 
 
 def unwrap_flexlora(model: Any) -> FlexLoRAModel:
@@ -163,10 +161,7 @@ def validate_schedule(cfg: FlexLoRAConfig, n_modules: int) -> None:
 def write_rank_history(fm: FlexLoRAModel, output_dir: str) -> None:
     """Write `rank_history.json` and the heatmap PNG (paper Figure 2) to `output_dir`."""
     os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, RANK_HISTORY_NAME)
-    with open(path + ".tmp", "w") as f:
-        json.dump(fm.rank_history, f, indent=1)
-    os.replace(path + ".tmp", path)
+    _write_json(os.path.join(output_dir, RANK_HISTORY_NAME), fm.rank_history)  # same atomic writer as save_pretrained
     try:
         from .plotting import plot_rank_history
 
