@@ -10,7 +10,7 @@ The three methods are built with the same rank ``r``, ``lora_alpha``, dropout an
 * ``flexlora``: `FlexLoRAConfig(r=r)` with ``max_rank = r + capacity_extra`` slots per matrix (the slots the
   forward pass really computes over; 21 extra is what the paper's LLaMA3-8B schedule needs, see
   ``docs/benchmarks.md``), orthogonality term γ·R added to the loss as `FlexLoRATrainer` does, and reallocation
-  events from `flexlora_hf.trainer.run_event` on the schedule's event steps (after ``optimizer.step()``).
+  events from `flexlora_hf.events.run_event` on the schedule's event steps (after ``optimizer.step()``).
 * ``adalora``: PEFT `AdaLoraConfig(init_r=..., target_r=...)`; PEFT adds its orthogonality term inside the forward
   pass, and ``update_and_allocate(step)`` is called after every ``optimizer.step()`` (before ``zero_grad``) as PEFT
   requires.
@@ -216,14 +216,14 @@ def tiny_llama_config() -> Any:
 
 
 def load_causal_lm(name: str, *, device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-    """``tiny`` (random Llama from `tiny_llama_config`) or ``smollm2`` (SmolLM2-135M from `flexlora_hf.assets`)."""
+    """``tiny`` (random Llama from `tiny_llama_config`) or ``smollm2`` (SmolLM2-135M from `flexlora_hf.data.assets`)."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     torch.manual_seed(seed)
     if name == "tiny":
         model = LlamaForCausalLM(tiny_llama_config()).to(dtype)
     elif name == "smollm2":
-        from flexlora_hf.assets import materialize_smollm2
+        from flexlora_hf.data.assets import materialize_smollm2
 
         model = AutoModelForCausalLM.from_pretrained(materialize_smollm2(), dtype=dtype)
     else:
@@ -384,17 +384,15 @@ class Trainee:
         }
 
     def _flexlora_event(self) -> tuple[float, float]:
-        from flexlora_hf.schedule import budget_at, is_event_step
-        from flexlora_hf.trainer import run_event
+        from flexlora_hf.schedule import is_event_step
 
         fm: Any = self.model
         cfg = fm.flexlora_config
-        sched = dict(b0=cfg.b0, t_warmup=cfg.t_warmup, t_final=cfg.t_final, total_steps=cfg.total_steps)
-        if not is_event_step(self.t, delta_t=cfg.delta_t, schedule=cfg.schedule, **sched):
+        if not is_event_step(self.t, delta_t=cfg.delta_t, **cfg.schedule_kwargs()):
             return 0.0, 0.0
         synchronize(self.device)
         a0, ac0 = time.perf_counter(), time.process_time()
-        run_event(fm, budget_at(self.t, schedule=cfg.schedule, **sched), self.t, self.optimizer)
+        fm.update_and_allocate(self.t, self.optimizer)
         synchronize(self.device)
         return time.perf_counter() - a0, time.process_time() - ac0
 

@@ -9,8 +9,8 @@ then aggregate)::
 
 Runs already in the runs file are skipped, so an interrupted run resumes where it stopped.
 
-Model and data: all-MiniLM-L6-v2 (`flexlora_hf.assets.minilm_path`, 22.7M params, BERT) as a sequence classifier
-on three BIG-bench tasks (`flexlora_hf.bigbench.load_bigbench_classification`, fixed 80/20 split, seed 42):
+Model and data: all-MiniLM-L6-v2 (`flexlora_hf.data.assets.minilm_path`, 22.7M params, BERT) as a sequence classifier
+on three BIG-bench tasks (`flexlora_hf.data.bigbench.load_bigbench_classification`, fixed 80/20 split, seed 42):
 ``vitaminc_fact_verification`` (3-way fact verification, MNLI-like), ``epistemic_reasoning`` (2-way entailment,
 RTE-like) and ``hyperbaton`` (adjective order, CoLA-like). The train split is subsampled to ``steps x batch``
 examples, the validation split to ``--n-eval``; both are fixed across seeds and methods.
@@ -150,7 +150,7 @@ def load_task(task: str, n_train: int, n_eval: int, tokenizer: Any) -> Any:
     key = (task, n_train, n_eval)
     if key in _DATA_CACHE:
         return _DATA_CACHE[key]
-    from flexlora_hf.bigbench import load_bigbench_classification
+    from flexlora_hf.data.bigbench import load_bigbench_classification
 
     ds = load_bigbench_classification(task, validation_fraction=0.2, seed=42)
     train, val = ds["train"], ds["validation"]
@@ -284,7 +284,7 @@ def train_one(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     from sklearn.metrics import accuracy_score, f1_score
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments, set_seed
 
-    from flexlora_hf.assets import minilm_path
+    from flexlora_hf.data.assets import minilm_path
 
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
 
     from flexlora_hf import FlexLoRAConfig, FlexLoRATrainer
-    from flexlora_hf.assets import minilm_path
-    from flexlora_hf.bigbench import load_bigbench_classification
-    from flexlora_hf.metrics import compute_metrics_for_task
+    from flexlora_hf.data.assets import minilm_path
+    from flexlora_hf.data.bigbench import load_bigbench_classification
+    from flexlora_hf.data.metrics import compute_metrics_for_task
     from flexlora_hf.schedule import event_steps
 
     transformers.utils.logging.set_verbosity_error()  # keep the console to the progress bar and FlexLoRA events

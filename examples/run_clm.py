@@ -15,7 +15,7 @@ Data, one of:
 
 Example (offline, real model; SmolLM2-135M is a Llama model, the paper adapts Q, K, V, Up and Down)::
 
-    python examples/run_clm.py --model_name_or_path "$(python -m flexlora_hf.assets smollm2)" \\
+    python examples/run_clm.py --model_name_or_path "$(python -m flexlora_hf.data.assets smollm2)" \\
         --train_file my_corpus.txt --block_size 128 --do_train --do_eval \\
         --per_device_train_batch_size 8 --learning_rate 3e-4 --max_steps 40 \\
         --target_modules q_proj,k_proj,v_proj,up_proj,down_proj --lora_dropout 0.05 \\

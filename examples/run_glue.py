@@ -17,7 +17,7 @@ Data, one of:
 
 Example (offline, real model and data)::
 
-    python examples/run_glue.py --model_name_or_path "$(python -m flexlora_hf.assets minilm)" \\
+    python examples/run_glue.py --model_name_or_path "$(python -m flexlora_hf.data.assets minilm)" \\
         --bigbench_task multiemo --bigbench_subtask all_sentence_en --bigbench_max_examples 3000 \\
         --do_train --do_eval --max_seq_length 64 --per_device_train_batch_size 16 --learning_rate 2e-3 \\
         --num_train_epochs 1 --warmup_steps 0.1 --modules_to_save classifier,pooler \\
@@ -51,7 +51,7 @@ from transformers import (
 
 from flexlora_hf import FlexLoRATrainer  # FlexLoRA: the Trainer that reallocates ranks
 from flexlora_hf.arguments import FlexLoRAArguments  # FlexLoRA: --r, --b0, --t_warmup, ... flags
-from flexlora_hf.metrics import compute_metrics_for_task, normalize_glue_task  # flexlora_hf extra: no Hub needed
+from flexlora_hf.data.metrics import compute_metrics_for_task, normalize_glue_task  # flexlora_hf extra: no Hub needed
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def parse_args(
 def load_raw_datasets(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int) -> datasets.DatasetDict:
     """Load the raw splits from BIG-bench, the GLUE Hub dataset, another Hub dataset or local files."""
     if data_args.bigbench_task is not None:  # flexlora_hf extra: real data without the Hub
-        from flexlora_hf.bigbench import load_bigbench_classification
+        from flexlora_hf.data.bigbench import load_bigbench_classification
 
         return load_bigbench_classification(
             data_args.bigbench_task,

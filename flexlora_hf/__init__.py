@@ -1,23 +1,55 @@
 """Entropy-guided FlexLoRA (flexible low-rank adaptation) for the Hugging Face stack.
 
 ΔW = P·diag(λ)·Q adapters whose ranks move between matrices during training, guided by the spectral entropy of λ.
+
+Every public name is resolved on first use (PEP 562), so `import flexlora_hf` imports nothing heavy, and the
+adapter core (`config`, `importance`, `schedule`, `allocation`, `layer`, `model`, `events`) never pulls in
+transformers, peft, bitsandbytes, lm-eval, matplotlib, datasets or huggingface_hub.
 """
 
-from .allocation import ReallocationPlan, plan_reallocation
-from .arguments import FlexLoRAArguments
-from .config import FlexLoRAConfig
-from .hub import push_to_hub
-from .importance import importance, importance_batched, spectral_entropy
-from .layer import FlexLoRALayer
-from .model import FlexLoRAModel, get_flexlora_model
-from .model_card import build_model_card
-from .plotting import plot_rank_history
-from .quantization import guard_bnb_cpu, load_base_model
-from .schedule import budget_at, event_steps, is_event_step
-from .serialization import load_adapter_into, load_flexlora, save_flexlora
-from .trainer import FlexLoRACallback, FlexLoRATrainer, FlexLoRATrainerMixin
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._logging import silence_bitsandbytes_kernels_hint
+from .constants import __version__ as __version__
+
+silence_bitsandbytes_kernels_hint()
+
+# public name -> submodule that defines it
+_EXPORTS: dict[str, str] = {
+    "FlexLoRAArguments": "arguments",
+    "FlexLoRACallback": "trainer",
+    "FlexLoRAConfig": "config",
+    "FlexLoRALayer": "layer",
+    "FlexLoRAModel": "model",
+    "FlexLoRATrainer": "trainer",
+    "FlexLoRATrainerMixin": "trainer",
+    "ReallocationPlan": "allocation",
+    "budget_at": "schedule",
+    "build_model_card": "model_card",
+    "event_steps": "schedule",
+    "get_flexlora_model": "model",
+    "guard_bnb_cpu": "quantization",
+    "importance": "importance",
+    "importance_batched": "importance",
+    "is_event_step": "schedule",
+    "load_adapter_into": "io.native",
+    "load_flexlora": "model",
+    "load_base_model": "quantization",
+    "plan_reallocation": "allocation",
+    "plot_rank_history": "plotting",
+    "push_to_hub": "hub",
+    "save_flexlora": "io.save",
+    "spectral_entropy": "importance",
+    # lm-eval is optional and slow to import
+    "FlexLoRALM": "evaluation",
+    "evaluate_adapter": "evaluation",
+    "prepare_bigbench_eval_data": "evaluation",
+    "results_table": "evaluation",
+}
+
 
 __all__ = [
     "FlexLoRAArguments",
@@ -37,8 +69,8 @@ __all__ = [
     "importance_batched",
     "is_event_step",
     "load_adapter_into",
-    "load_flexlora",
     "load_base_model",
+    "load_flexlora",
     "plan_reallocation",
     "plot_rank_history",
     "push_to_hub",
@@ -46,13 +78,36 @@ __all__ = [
     "spectral_entropy",
 ]
 
-# lm-eval is optional and slow to import: the evaluation API is resolved on first use.
-_LAZY = {"evaluate_adapter", "results_table", "prepare_bigbench_eval_data", "FlexLoRALM"}
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flexlora_hf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # resolve once
+    return value
 
 
-def __getattr__(name: str):  # noqa: ANN202 -- PEP 562 module attribute hook
-    if name in _LAZY:
-        from . import evaluation
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
 
-        return getattr(evaluation, name)
-    raise AttributeError(f"module 'flexlora_hf' has no attribute {name!r}")
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from .allocation import ReallocationPlan, plan_reallocation
+    from .arguments import FlexLoRAArguments
+    from .config import FlexLoRAConfig
+    from .evaluation import FlexLoRALM as FlexLoRALM
+    from .evaluation import evaluate_adapter as evaluate_adapter
+    from .evaluation import prepare_bigbench_eval_data as prepare_bigbench_eval_data
+    from .evaluation import results_table as results_table
+    from .hub import push_to_hub
+    from .importance import importance, importance_batched, spectral_entropy
+    from .io.native import load_adapter_into
+    from .io.save import save_flexlora
+    from .layer import FlexLoRALayer
+    from .model import FlexLoRAModel, get_flexlora_model, load_flexlora
+    from .model_card import build_model_card
+    from .plotting import plot_rank_history
+    from .quantization import guard_bnb_cpu, load_base_model
+    from .schedule import budget_at, event_steps, is_event_step
+    from .trainer import FlexLoRACallback, FlexLoRATrainer, FlexLoRATrainerMixin

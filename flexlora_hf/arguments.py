@@ -25,14 +25,12 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import typing
 from typing import Any
 
-from .config import FlexLoRAConfig
+from .config import REGEX_PREFIX, FlexLoRAConfig, parse_max_rank, parse_module_list
 
-REGEX_PREFIX = "re:"
-"""Prefix marking a ``--target_modules`` value as a regular expression instead of a list of names."""
+__all__ = ["REGEX_PREFIX", "FlexLoRAArguments", "parse_max_rank", "parse_module_list"]
 
 RENAMED_FIELDS: dict[str, str] = {"seed": "flexlora_seed"}
 """`FlexLoRAConfig` field -> flag name, where the config's name clashes with `TrainingArguments`."""
@@ -45,61 +43,6 @@ _STRING_FIELDS: dict[str, str] = {
     "max_rank": "Per-module rank cap: an integer, or a JSON object {module path: cap}. Unset: derived exactly "
     "(r + number of scheduled events).",
 }
-
-
-def parse_module_list(value: Any) -> list[str] | str | None:
-    """Parse a ``--target_modules`` / ``--modules_to_save`` value.
-
-    Args:
-        value (`str`, `list[str]` or `None`):
-            ``"query,key,value"`` -> ``["query", "key", "value"]``; ``"all-linear"`` stays as is; ``"re:.*attn.*"``
-            -> the regex ``".*attn.*"``; ``"none"`` -> ``[]``; a list (from a JSON config) is kept; `None` or an
-            empty string -> `None` (the library default).
-
-    Returns:
-        `list[str]`, `str` or `None`: a value `FlexLoRAConfig` accepts.
-    """
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple, set)):
-        return [str(v) for v in value]
-    text = str(value).strip()
-    if not text:
-        return None
-    if text.lower() == "none":
-        return []
-    if text == "all-linear":
-        return text
-    if text.startswith(REGEX_PREFIX):
-        return text[len(REGEX_PREFIX) :]
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def parse_max_rank(value: Any) -> int | dict[str, int] | None:
-    """Parse a ``--max_rank`` value: ``"12"`` -> 12, ``'{"layer.0.query": 16}'`` -> a dict, `None`/``""`` -> `None`.
-
-    Args:
-        value (`str`, `int`, `dict` or `None`): the flag value (a JSON config may give an int or a dict directly).
-
-    Returns:
-        `int`, `dict[str, int]` or `None`.
-
-    Raises:
-        ValueError: if the string is neither an integer nor a JSON object.
-    """
-    if value is None or isinstance(value, int):
-        return value
-    if isinstance(value, dict):
-        return {str(k): int(v) for k, v in value.items()}
-    text = str(value).strip()
-    if not text:
-        return None
-    if text.startswith("{"):
-        return parse_max_rank(json.loads(text))
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"--max_rank={value!r} must be an integer or a JSON object {{module path: cap}}.") from None
 
 
 def _build_arguments_class() -> type:

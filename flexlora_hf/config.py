@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-CONFIG_NAME = "flexlora_config.json"
+from .constants import CONFIG_NAME
 
 IMPORTANCE_METRICS = ("entropy", "nuclear", "frobenius", "elem_energy_entropy", "mat_energy_entropy")
 ALLOCATIONS = ("bidirectional", "prune_only", "expand_only")
@@ -27,12 +27,60 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"FlexLoRAConfig.{name}={value!r} is not supported; choose one of {', '.join(choices)}.")
 
 
-def _normalise_names(value: Any) -> Any:
-    """Command-line lists may arrive as ['q_proj,v_proj'] or ['all-linear']: split commas, unwrap 'all-linear'."""
-    if isinstance(value, (list, tuple)):
-        names = [n.strip() for item in value for n in str(item).split(",") if n.strip()]
+REGEX_PREFIX = "re:"
+"""Prefix marking a command-line ``--target_modules`` value as a regular expression instead of a list of names."""
+
+
+def parse_module_list(value: Any) -> list[str] | str | None:
+    """The one parser of ``target_modules`` / ``modules_to_save`` values, from Python, JSON or the command line.
+
+    Args:
+        value (`str`, `list[str]` or `None`):
+            a list (Python, JSON, or ``nargs`` flags such as ``['q_proj,v_proj']``) is split on commas, and
+            ``['all-linear']`` becomes ``"all-linear"``; a command-line string ``"query,key,value"`` becomes
+            ``["query", "key", "value"]``, ``"all-linear"`` stays, ``"re:.*attn.*"`` is the regex ``".*attn.*"``,
+            ``"none"`` is ``[]``; `None` or ``""`` is `None` (the library default).
+
+    Returns:
+        `list[str]`, `str` or `None`: a value `FlexLoRAConfig` accepts.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value) if isinstance(value, (set, frozenset)) else value  # sets have no order: sort them
+        names = [n.strip() for item in items for n in str(item).split(",") if n.strip()]
         return "all-linear" if names == ["all-linear"] else names
-    return value
+    text = str(value).strip()
+    if not text:
+        return None
+    if text.lower() == "none":
+        return []
+    if text == "all-linear":
+        return text
+    if text.startswith(REGEX_PREFIX):
+        return text[len(REGEX_PREFIX) :]
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_max_rank(value: Any) -> int | dict[str, int] | None:
+    """Parse a ``max_rank`` value: ``"12"`` -> 12, ``'{"layer.0.query": 16}'`` -> a dict, `None`/``""`` -> `None`.
+
+    Raises:
+        ValueError: if the string is neither an integer nor a JSON object.
+    """
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        return {str(k): int(v) for k, v in value.items()}
+    text = str(value).strip()
+    if not text:
+        return None
+    if text.startswith("{"):
+        return parse_max_rank(json.loads(text))
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--max_rank={value!r} must be an integer or a JSON object {{module path: cap}}.") from None
 
 
 @dataclass
@@ -122,8 +170,11 @@ class FlexLoRAConfig:
     seed: int = field(default=0, metadata={"help": "Seed for initial directions and for every expansion draw."})
 
     def __post_init__(self) -> None:
-        self.target_modules = _normalise_names(self.target_modules)
-        self.modules_to_save = _normalise_names(self.modules_to_save)  # type: ignore[assignment]
+        # A plain string from Python is a regex (as in PEFT) or "all-linear"; lists are normalised.
+        if not isinstance(self.target_modules, str):
+            self.target_modules = parse_module_list(self.target_modules)  # type: ignore[assignment]
+        if not isinstance(self.modules_to_save, str):
+            self.modules_to_save = parse_module_list(self.modules_to_save)  # type: ignore[assignment]
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -180,6 +231,18 @@ class FlexLoRAConfig:
                     f"({self.allocation}) but the model has {n_modules}. Use b0 <= "
                     f"{n_modules // 2 if self.allocation == 'bidirectional' else n_modules} or target more modules."
                 )
+
+    def schedule_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `budget_at` / `is_event_step` / `event_steps` (needs `total_steps`)."""
+        if self.total_steps is None:
+            raise ValueError("FlexLoRAConfig.total_steps is unset: the schedule needs the run's total optimizer steps.")
+        return dict(
+            b0=self.b0,
+            t_warmup=self.t_warmup,
+            t_final=self.t_final,
+            total_steps=self.total_steps,
+            schedule=self.schedule,
+        )
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -1,21 +1,23 @@
-"""Uploading FlexLoRA adapters to the Hugging Face Hub.
+"""All Hugging Face Hub traffic, both directions.
 
-This module owns [`push_to_hub`]: it saves the adapter folder (both views, heatmap and model card, see
-`serialization.py`) into a temporary directory and uploads it as one commit with `HfApi.upload_folder`. It does not
-use transformers' `PushToHubMixin`, which replaces the model card with a generic `library_name: transformers` one.
-The token is only handed to `HfApi`; it is never written to disk or logged. Downloading is `load_flexlora`'s job.
+Upload: [`push_to_hub`] saves the adapter folder (both views, heatmap and model card, see `io/save.py`) into a
+temporary directory and uploads it as one commit with `HfApi.upload_folder`. It does not use transformers'
+`PushToHubMixin`, which replaces the model card with a generic `library_name: transformers` one.
+Download: [`resolve_directory`] turns a local folder or a repo id into a local folder with the native files.
+The token is only handed to `huggingface_hub`; it is never written to disk or logged. huggingface_hub is imported
+where it is used.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import HfApi
-
-from .serialization import save_flexlora
+from .constants import FLEXLORA_CONFIG_NAME, NATIVE_FILES
+from .io.save import save_flexlora
 
 if TYPE_CHECKING:
     from .model import FlexLoRAModel
@@ -56,6 +58,8 @@ def push_to_hub(
         huggingface_hub.errors.HfHubHTTPError: the Hub refused a request (no or invalid token, another user's
             namespace, ...); the message is the Hub's. Nothing local is modified: the folder is a temporary one.
     """
+    from huggingface_hub import HfApi
+
     card_kwargs = {"repo_id": repo_id, **dict(model_card_kwargs or {})}
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="flexlora_push_") as folder:
@@ -74,3 +78,39 @@ def push_to_hub(
         )
     logger.info("Pushed FlexLoRA adapter to %s: %s", repo_id, info.commit_url)
     return str(info.commit_url)
+
+
+def _looks_like_local_path(path: str) -> bool:
+    return (
+        os.path.isabs(path)
+        or path.startswith((".", "~"))
+        or path.endswith(("/", os.sep))
+        or path.count("/") > 1
+        or (os.sep != "/" and os.sep in path)
+    )
+
+
+def resolve_directory(path_or_repo_id: str, *, revision: str | None, token: str | bool | None) -> str:
+    """A local folder as is; otherwise download the native files of a Hub repo (honouring revision and token)."""
+    if os.path.isdir(path_or_repo_id):
+        return path_or_repo_id
+    if os.path.exists(path_or_repo_id):
+        raise NotADirectoryError(
+            f"load_flexlora: {path_or_repo_id} is a file; pass the adapter folder (with {FLEXLORA_CONFIG_NAME}) or "
+            "a Hub repo id."
+        )
+    if _looks_like_local_path(path_or_repo_id):
+        raise FileNotFoundError(f"load_flexlora: no adapter folder at {path_or_repo_id}.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return str(
+            snapshot_download(
+                repo_id=path_or_repo_id, revision=revision, token=token, allow_patterns=list(NATIVE_FILES)
+            )
+        )
+    except HFValidationError as err:
+        raise ValueError(
+            f"load_flexlora: {path_or_repo_id!r} is neither an existing folder nor a valid Hub repo id ({err})."
+        ) from err

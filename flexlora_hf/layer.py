@@ -29,13 +29,14 @@ def _is_conv1d(layer: nn.Module) -> bool:
     return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
 
 
-def _is_linear4bit(layer: nn.Module) -> bool:
+def is_linear4bit(layer: nn.Module) -> bool:
+    """Whether `layer` is a bitsandbytes 4-bit linear layer (matched by class name: never imports bitsandbytes)."""
     return type(layer).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")
 
 
 def is_supported_layer(layer: nn.Module) -> bool:
     """Layers FlexLoRA can wrap: nn.Linear (incl. bitsandbytes Linear4bit/Linear8bitLt) and GPT-2 Conv1D."""
-    return isinstance(layer, nn.Linear) or _is_conv1d(layer) or _is_linear4bit(layer)
+    return isinstance(layer, nn.Linear) or _is_conv1d(layer) or is_linear4bit(layer)
 
 
 def layer_shape(layer: nn.Module) -> tuple[int, int]:
@@ -242,6 +243,19 @@ class FlexLoRALayer(nn.Module):
         self.lora_Q = nn.Parameter(torch.cat([self.lora_Q, self.lora_Q.new_zeros(extra, self.in_features)], 0))
         self.lora_active = torch.cat([self.lora_active, torch.zeros(extra, dtype=torch.bool, device=dev)])
 
+    @torch.no_grad()
+    def set_capacity(self, capacity: int) -> None:
+        """Give the layer exactly `capacity` empty slots (the caller restores contents right after, e.g.
+        `load_compact`). Shrinking exists for resume: `optimizer.pt` holds moments of the checkpoint's shapes."""
+        if capacity > self.capacity:
+            self.grow_capacity(capacity)
+        elif capacity < self.capacity:
+            grad = self.lora_P.requires_grad
+            self.lora_P = nn.Parameter(self.lora_P.new_zeros(self.out_features, capacity), requires_grad=grad)
+            self.lora_lam = nn.Parameter(self.lora_lam.new_zeros(capacity), requires_grad=grad)
+            self.lora_Q = nn.Parameter(self.lora_Q.new_zeros(capacity, self.in_features), requires_grad=grad)
+            self.lora_active = torch.zeros(capacity, dtype=torch.bool, device=self.lora_active.device)
+
     # ------------------------------------------------------------------ compact form (save / export)
     def compact(self) -> dict[str, torch.Tensor]:
         """Active directions only: `P` (out, r), `lam` (r,), `Q` (r, in) and their `slots` (r,) for exact resume."""
@@ -278,7 +292,7 @@ class FlexLoRALayer(nn.Module):
         """Raise `ValueError` if ΔW cannot be merged exactly into the base layer (bitsandbytes-quantised base)."""
         base: Any = self.base_layer
         kind = type(base).__name__
-        if _is_linear4bit(base) or kind == "Linear8bitLt":
+        if is_linear4bit(base) or kind == "Linear8bitLt":
             raise ValueError(
                 f"Refusing to merge FlexLoRA into a bitsandbytes-quantised {kind} base layer: re-quantising W + ΔW "
                 "rounds most of ΔW away (an update of std 1e-3 on NF4 weights of std 0.02 keeps ~30% of its "

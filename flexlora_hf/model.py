@@ -1,18 +1,20 @@
-"""`FlexLoRAModel` and `get_flexlora_model`: injection of FlexLoRA layers into a transformers model.
+"""`FlexLoRAModel` and `get_flexlora_model`: FlexLoRA layers injected into a transformers model.
 
-Owns target matching (names / regex / "all-linear", as in PEFT), freezing, `modules_to_save`, slot capacity (the
-per-module rank cap), the model-level views (`rank_map`, `importance_scores`, `orth_reg`) and `apply_plan`, the one
-seam where a pure `ReallocationPlan` meets the tensors. Saving, loading, export and Hub upload live in
-`serialization.py` / `hub.py`; optimizer state surgery in `optim_surgery.py`.
+Owns injection and freezing (which modules: `targets.py`), construction from a saved folder (`from_pretrained`,
+reading and validation: `io/native.py`), the model-level views (`rank_map`, `importance_scores`, `orth_reg`),
+`apply_plan` (the one seam where a pure `ReallocationPlan` meets the tensors) and `update_and_allocate` (one
+scheduled event, PEFT AdaLoRA's custom-loop name; the event itself lives in `events.py`). Imports torch only at
+module level; the I/O and Hub layers sit above and are imported where used.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import inspect
 import logging
-import re
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -21,110 +23,18 @@ from torch import nn
 
 from .allocation import ReallocationPlan
 from .config import FlexLoRAConfig
+from .events import update_and_allocate
 from .importance import importance_batched
-from .layer import FlexLoRALayer, is_supported_layer, layer_shape
+from .layer import FlexLoRALayer, layer_shape
 from .quantization import guard_bnb_cpu
-from .schedule import event_steps
+from .targets import default_modules_to_save, find_target_modules, matches, resolve_capacity, set_module
 
 logger = logging.getLogger(__name__)
-
-_HEAD_NAMES = ("classifier", "score", "lm_head")
-_CLS_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForImageClassification")
 
 
 def expansion_generator(seed: int, step: int) -> torch.Generator:
     """CPU generator for the draws of the event at `step`: same seed on every process, independent of history."""
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2**63 - 1))
-
-
-def _output_head_names(model: nn.Module) -> set[str]:
-    names: set[str] = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    for name, module in model.named_modules():
-        if head is not None and module is head:
-            names.add(name)
-    return names
-
-
-def default_modules_to_save(model: nn.Module) -> list[str] | None:
-    """Classification heads that PEFT's SEQ_CLS/TOKEN_CLS task types would train in full."""
-    if not type(model).__name__.endswith(_CLS_SUFFIXES):
-        return None
-    found = [h for h in ("classifier", "score") if any(n == h or n.endswith("." + h) for n, _ in model.named_modules())]
-    return found or None
-
-
-def _matches(name: str, patterns: list[str] | None) -> bool:
-    return bool(patterns) and any(name == p or name.endswith("." + p) for p in patterns or [])
-
-
-def find_target_modules(model: nn.Module, config: FlexLoRAConfig) -> list[str]:
-    """Module paths to wrap, in model order. Raises `ValueError` listing the model's linear layers if none match."""
-    linear_names = [n for n, m in model.named_modules() if n and is_supported_layer(m)]
-    save = list(config.modules_to_save or [])
-    # A module trained in full is not also adapted, nor are the linear layers inside it (RoBERTa's classifier.out_proj).
-    excluded = {n for n in linear_names if any(_matches(".".join(n.split(".")[:k]), save) for k in range(1, n.count(".") + 2))}
-    target = config.target_modules if config.target_modules is not None else "all-linear"
-    chosen: list[str]
-    if target == "all-linear":
-        heads = _output_head_names(model)
-        chosen = [
-            n
-            for n in linear_names
-            if n not in excluded and n not in heads and n.split(".")[-1] not in _HEAD_NAMES
-        ]
-    elif isinstance(target, str):
-        pattern = re.compile(target)
-        chosen = [n for n in linear_names if n not in excluded and pattern.fullmatch(n)]
-    else:
-        targets = list(target)
-        chosen = [n for n in linear_names if n not in excluded and _matches(n, targets)]
-        suffixes = {n.split(".")[-1] for n in linear_names}
-        unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear_names)]
-        if unknown:
-            raise ValueError(
-                f"target_modules {unknown} match no linear layer of {type(model).__name__}. "
-                f"Its linear module names are: {', '.join(sorted(suffixes))}."
-            )
-    if not chosen:
-        raise ValueError(
-            f"target_modules={target!r} matches no linear layer of {type(model).__name__}. "
-            f"Its linear module names are: {', '.join(sorted({n.split('.')[-1] for n in linear_names}))}."
-        )
-    return chosen
-
-
-def resolve_capacity(config: FlexLoRAConfig, name: str, d_in: int, d_out: int) -> int:
-    """Slots for one module: the user cap, else exactly r + number of scheduled events; bounded by min(d_in, d_out).
-
-    Each event adds at most one direction to a module, so r + #events can never be exceeded. Without `total_steps`
-    the capacity is provisional (r) and `FlexLoRAModel.finalize_capacity` grows it before the optimizer exists.
-    """
-    bound = min(d_in, d_out)
-    cap = config.max_rank.get(name) if isinstance(config.max_rank, Mapping) else config.max_rank
-    if cap is None:
-        if config.allocation == "prune_only" or config.total_steps is None:
-            cap = config.r
-        else:
-            n_events = len(
-                event_steps(
-                    b0=config.b0,
-                    t_warmup=config.t_warmup,
-                    t_final=config.t_final,
-                    total_steps=config.total_steps,
-                    delta_t=config.delta_t,
-                    schedule=config.schedule,
-                )
-            )
-            cap = config.r + n_events
-    return max(config.r, min(int(cap), bound))
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 class FlexLoRAModel(nn.Module):
@@ -162,9 +72,9 @@ class FlexLoRAModel(nn.Module):
                 init_scale=config.init_scale,
                 generator=gen,
             )
-            _set_module(model, name, layer)
+            set_module(model, name, layer)
         for name, module in model.named_modules():
-            if _matches(name, list(config.modules_to_save or [])):
+            if matches(name, config.modules_to_save):
                 for p in module.parameters():
                     p.requires_grad_(True)
         self._names = names
@@ -311,17 +221,85 @@ class FlexLoRAModel(nn.Module):
         for _, layer in self.flexlora_layers():
             layer.disabled = False
 
-    # ------------------------------------------------------------------ persistence (see serialization.py / hub.py)
-    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        from .serialization import save_flexlora
+    # ------------------------------------------------------------------ custom training loops
+    def update_and_allocate(self, global_step: int, optimizer: Any = None) -> dict[str, Any] | None:
+        """Run the reallocation event scheduled after optimizer step `global_step`, or do nothing.
+
+        Call it after every `optimizer.step()` in a custom (accelerate / plain PyTorch) loop, with the 1-based count
+        of optimizer steps done so far and the optimizer, exactly as `FlexLoRACallback` does inside the Trainer. Needs
+        `total_steps` in the config (or a prior `finalize_capacity(total_steps)`, before the optimizer is built).
+
+        Returns:
+            `dict` or `None`: the rank-history record of the event (also appended to `rank_history`), or `None`
+            when no event is scheduled at `global_step`.
+        """
+        return update_and_allocate(self, global_step, optimizer)
+
+    # ------------------------------------------------------------------ persistence (io/, hub.py)
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+        """Save both views, rank map, history, heatmap and card; see `flexlora_hf.save_flexlora`."""
+        from .io.save import save_flexlora
 
         save_flexlora(self, save_directory, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, path_or_repo_id: str, **kwargs: Any) -> FlexLoRAModel:
-        from .serialization import load_flexlora
+    def from_pretrained(
+        cls,
+        base_model: nn.Module,
+        path_or_repo_id: str | os.PathLike[str],
+        *,
+        is_trainable: bool = False,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        config_overrides: Mapping[str, Any] | None = None,
+    ) -> FlexLoRAModel:
+        """Rebuild a saved FlexLoRA adapter on `base_model`, exactly (same outputs, ranks, slots and rank history).
 
-        return load_flexlora(base_model, path_or_repo_id, **kwargs)
+        Args:
+            base_model (`nn.Module`): a fresh base model of the architecture the adapter was trained on.
+            path_or_repo_id (`str` or `os.PathLike`): folder written by `save_pretrained`, or a Hub repo id.
+            is_trainable (`bool`, *optional*, defaults to `False`): if `False` every parameter is frozen and the
+                model is put in eval mode; if `True` the adapter and `modules_to_save` are trainable.
+            revision (`str`, *optional*): branch, tag or commit of the Hub repo.
+            token (`str` or `bool`, *optional*): Hub token for private repos (never written anywhere).
+            config_overrides (`dict`, *optional*): `FlexLoRAConfig` fields to change (e.g. a new `total_steps`).
+
+        Raises:
+            FileNotFoundError: a required file is missing.
+            ValueError: corrupt/truncated file, base model without an adapted module or with other shapes, or
+                files that disagree with each other; the message names the file or module and the cause.
+        """
+        from .hub import resolve_directory
+        from .io.native import check_base_model, read_adapter, restore
+
+        directory = resolve_directory(os.fspath(path_or_repo_id), revision=revision, token=token)
+        saved = read_adapter(directory, config_overrides)
+        check_base_model(base_model, saved)  # everything is checked before the base model is modified
+        # Build on exactly the saved modules with the saved capacities, then restore the user-facing config values
+        # so that re-saving round-trips them and `finalize_capacity` keeps its meaning.
+        config = saved.config
+        build_config = dataclasses.replace(config, target_modules=list(saved.modules), max_rank=dict(saved.capacity))  # type: ignore[arg-type]
+        model = FlexLoRAModel(base_model, build_config)
+        if set(model.module_names) != set(saved.modules):
+            unexpected = sorted(set(model.module_names) - set(saved.modules))
+            raise ValueError(f"load_flexlora: the base model adapted unexpected modules {unexpected[:5]}.")
+        model.flexlora_config.target_modules = config.target_modules
+        model.flexlora_config.max_rank = config.max_rank
+        restore(model, saved)
+        if not is_trainable:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.eval()
+        logger.info(
+            "Loaded FlexLoRA adapter (%d matrices, total rank %d) from %s", len(saved.modules), model.total_rank(), directory
+        )
+        return model
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload the saved adapter folder with its model card; see `flexlora_hf.push_to_hub`."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     def merge_and_unload(self) -> nn.Module:
         """Merge ΔW into every wrapped layer and return the plain base model (no adapter code needed to use it)."""
@@ -329,15 +307,10 @@ class FlexLoRAModel(nn.Module):
         for _, layer in layers:  # refuse before touching anything: no half-merged model
             layer.check_mergeable()
         for name, layer in layers:
-            _set_module(self.base_model, name, layer.merged_base_layer())
+            set_module(self.base_model, name, layer.merged_base_layer())
         self._names = []
         self._layer_cache = []
         return self.base_model
-
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        from .hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
 
 
 @functools.cache
@@ -372,3 +345,10 @@ def get_flexlora_model(model: nn.Module, config: FlexLoRAConfig) -> FlexLoRAMode
     wrapped = FlexLoRAModel(model, config)
     config.validate(n_modules=len(wrapped.module_names) if config.b0 else None)
     return wrapped
+
+
+def load_flexlora(
+    base_model: nn.Module, path_or_repo_id: str | os.PathLike[str], **kwargs: Any
+) -> FlexLoRAModel:
+    """Function form of [`FlexLoRAModel.from_pretrained`] (same arguments)."""
+    return FlexLoRAModel.from_pretrained(base_model, path_or_repo_id, **kwargs)

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .constants import HEATMAP_NAME, RANK_HISTORY_NAME, __version__
+from .io.peft_view import base_model_name_or_path, infer_task_type
 from .plotting import depth_order, short_module_types, split_module_path
-from .serialization import HEATMAP_NAME, RANK_HISTORY_NAME, base_model_name_or_path, infer_task_type
 
 if TYPE_CHECKING:
     from .model import FlexLoRAModel
@@ -189,7 +190,6 @@ def _versions() -> str:
     import torch
     import transformers
 
-    from . import __version__
 
     return "\n".join(
         [

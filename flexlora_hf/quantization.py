@@ -23,18 +23,20 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from .layer import is_linear4bit
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install flexlora_hf[quantization]"
 
-# Class names of bitsandbytes 4-bit linear layers (matched by name so this module never imports bitsandbytes).
-_LINEAR4BIT_NAMES = ("Linear4bit", "LinearNF4", "LinearFP4")
 
 
 def require_bitsandbytes() -> Any:
@@ -62,17 +64,14 @@ def default_compute_dtype(device: str | torch.device | None = None) -> torch.dty
 
 def make_bnb_config(compute_dtype: torch.dtype | None = None) -> BitsAndBytesConfig:
     """The QLoRA quantisation config: NF4, double quantisation, `compute_dtype` (default: [`default_compute_dtype`])."""
+    from transformers import BitsAndBytesConfig
+
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype if compute_dtype is not None else default_compute_dtype(),
     )
-
-
-def is_linear4bit(module: nn.Module) -> bool:
-    """Whether `module` is a bitsandbytes 4-bit linear layer (`Linear4bit`, `LinearNF4`, `LinearFP4`)."""
-    return type(module).__name__ in _LINEAR4BIT_NAMES and hasattr(module, "support_avx512bf16_for_cpu")
 
 
 def _unpack_cpu_weight(module: nn.Module) -> bool:
@@ -113,7 +112,7 @@ def guard_bnb_cpu(model: nn.Module) -> int:
     count = 0
     unpacked = 0
     for module in model.modules():
-        if not is_linear4bit(module):
+        if not is_linear4bit(module) or not hasattr(module, "support_avx512bf16_for_cpu"):
             continue
         setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 (nn.Module __setattr__ typing)
         count += 1
@@ -141,7 +140,7 @@ def load_base_model(
     model_id_or_path: str | os.PathLike,
     *,
     load_in_4bit: bool = False,
-    model_class: Any = AutoModelForCausalLM,
+    model_class: Any = None,
     compute_dtype: torch.dtype | None = None,
     gradient_checkpointing: bool = True,
     gradient_checkpointing_kwargs: dict[str, Any] | None = None,
@@ -158,7 +157,7 @@ def load_base_model(
     Args:
         model_id_or_path (`str` or `os.PathLike`): Hub id or local folder.
         load_in_4bit (`bool`, *optional*, defaults to `False`): quantise the linear layers to 4-bit NF4.
-        model_class (*optional*, defaults to `AutoModelForCausalLM`): any `Auto*` / model class with
+        model_class (*optional*, `AutoModelForCausalLM` when `None`): any `Auto*` / model class with
             `from_pretrained`, e.g. `AutoModelForSequenceClassification`.
         compute_dtype (`torch.dtype`, *optional*): dtype of the 4-bit matmuls and of the full-precision weights;
             bf16 on CUDA (fp16 where bf16 is unsupported) and fp32 on CPU by default.
@@ -175,6 +174,10 @@ def load_base_model(
         ImportError: if `load_in_4bit=True` and bitsandbytes is not installed.
         ValueError: if `quantization_config` is passed together with `load_in_4bit=True`.
     """
+    if model_class is None:
+        from transformers import AutoModelForCausalLM
+
+        model_class = AutoModelForCausalLM
     if compute_dtype is None:
         compute_dtype = default_compute_dtype()
     if "torch_dtype" in kwargs:

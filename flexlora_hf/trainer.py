@@ -1,7 +1,7 @@
 """Trainer integration: `FlexLoRACallback` (scheduled reallocation) and `FlexLoRATrainer` (loss, saving, wiring).
 
-This module only wires things together; the math lives in `importance` / `schedule` / `allocation`, the tensors in
-`layer` / `model`, the optimizer state in `optim_surgery`.
+This module only wires things together: an event is `events.update_and_allocate` (the same call a custom loop
+makes), the rank history is written by `io.history`, the adapter folder by `io.save`.
 
 Hook order (transformers 5.x): micro-batches -> clip -> `optimizer.step()` -> `lr_scheduler.step()` -> `zero_grad()`
 -> `global_step += 1` -> **`on_step_end`** (our event, on optimizer step t = `state.global_step`) -> log/save/eval.
@@ -26,15 +26,14 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .allocation import plan_reallocation
 from .config import FlexLoRAConfig
+from .constants import CONFIG_NAME
+from .events import event_logs, update_and_allocate, validate_schedule
+from .io.history import write_rank_history
 from .model import FlexLoRAModel, get_flexlora_model
 from .optim_surgery import check_optimizer_supported
-from .schedule import budget_at, event_steps, is_event_step
-from .serialization import HEATMAP_NAME, RANK_HISTORY_NAME, _write_json
 
 logger = logging.getLogger(__name__)
-
 
 
 def unwrap_flexlora(model: Any) -> FlexLoRAModel:
@@ -88,86 +87,15 @@ class FlexLoRACallback(TrainerCallback):
             check_optimizer_supported(kwargs["optimizer"])
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        fm = unwrap_flexlora(kwargs["model"])
-        cfg = fm.flexlora_config
-        t = state.global_step
-        assert cfg.total_steps is not None
-        sched = dict(b0=cfg.b0, t_warmup=cfg.t_warmup, t_final=cfg.t_final, total_steps=cfg.total_steps)
-        if not is_event_step(t, delta_t=cfg.delta_t, schedule=cfg.schedule, **sched):
-            return
-        b = budget_at(t, schedule=cfg.schedule, **sched)
-        record = run_event(fm, b, t, kwargs.get("optimizer"))
-        self.pending_logs = {
-            "flexlora/total_rank": float(sum(record["ranks"].values())),
-            "flexlora/mean_importance": float(sum(record["scores"].values()) / max(len(record["scores"]), 1)),
-            "flexlora/moves": float(len(record["prune"]) + len(record["expand"])),
-            "flexlora/budget": float(b),
-        }
-        logger.info(
-            "FlexLoRA event at step %d: b=%d, pruned %d, expanded %d, total rank %d",
-            t,
-            b,
-            len(record["prune"]),
-            len(record["expand"]),
-            sum(record["ranks"].values()),
-        )
+        record = update_and_allocate(unwrap_flexlora(kwargs["model"]), state.global_step, kwargs.get("optimizer"))
+        if record is not None:
+            self.pending_logs = event_logs(record)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
         fm = unwrap_flexlora(kwargs["model"])
         write_rank_history(fm, args.output_dir or ".")
-
-
-def run_event(fm: FlexLoRAModel, b: int, step: int, optimizer: Any = None) -> dict[str, Any]:
-    """Score, plan and apply one event; append and return its rank-history record."""
-    cfg = fm.flexlora_config
-    scores = fm.importance_scores()
-    plan = plan_reallocation(
-        scores, fm.rank_map(), b, min_rank=cfg.min_rank, max_rank=fm.rank_caps(), allocation=cfg.allocation
-    )
-    fm.apply_plan(plan, optimizer, step=step)
-    record = {
-        "step": step,
-        "budget": b,
-        "prune": list(plan.prune),
-        "expand": list(plan.expand),
-        "scores": scores,
-        "ranks": fm.rank_map(),
-    }
-    fm.rank_history.append(record)
-    return record
-
-
-def validate_schedule(cfg: FlexLoRAConfig, n_modules: int) -> None:
-    """Fail at train start (not mid-run) when the schedule can never fire or the budget cannot fit."""
-    assert cfg.total_steps is not None
-    cfg.validate(n_modules=n_modules)
-    if cfg.b0 > 0 and not event_steps(
-        b0=cfg.b0,
-        t_warmup=cfg.t_warmup,
-        t_final=cfg.t_final,
-        total_steps=cfg.total_steps,
-        delta_t=cfg.delta_t,
-        schedule=cfg.schedule,
-    ):
-        raise ValueError(
-            f"FlexLoRA schedule has no event: no multiple of delta_t={cfg.delta_t} in (t_warmup={cfg.t_warmup}, "
-            f"total_steps - t_final={cfg.total_steps - cfg.t_final}] with b(t) > 0. Lower delta_t, t_warmup or "
-            "t_final, or train for more steps (set b0=0 to train a fixed-rank adapter on purpose)."
-        )
-
-
-def write_rank_history(fm: FlexLoRAModel, output_dir: str) -> None:
-    """Write `rank_history.json` and the heatmap PNG (paper Figure 2) to `output_dir`."""
-    os.makedirs(output_dir, exist_ok=True)
-    _write_json(os.path.join(output_dir, RANK_HISTORY_NAME), fm.rank_history)  # same atomic writer as save_pretrained
-    try:
-        from .plotting import plot_rank_history
-
-        plot_rank_history(fm, os.path.join(output_dir, HEATMAP_NAME))
-    except ImportError as err:  # matplotlib missing: the JSON is the record, the picture is a convenience
-        logger.warning("Could not draw the rank heatmap: %s", err)
 
 
 class FlexLoRATrainerMixin:
@@ -291,9 +219,9 @@ class FlexLoRATrainerMixin:
         torch.save(args, os.path.join(output_dir, "training_args.bin"))  # same file Trainer writes
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        from .serialization import load_adapter_into
+        from .io.native import load_adapter_into
 
-        if not os.path.isfile(os.path.join(resume_from_checkpoint, "flexlora_config.json")):
+        if not os.path.isfile(os.path.join(resume_from_checkpoint, CONFIG_NAME)):
             raise ValueError(f"{resume_from_checkpoint} is not a FlexLoRA checkpoint (no flexlora_config.json).")
         load_adapter_into(self.flexlora_model, resume_from_checkpoint)
 

@@ -1,4 +1,4 @@
-"""Tests for flexlora_hf.assets: offline real small models (MiniLM from its wheel, SmolLM2 from its GGUF)."""
+"""Tests for flexlora_hf.data.assets: offline real small models (MiniLM from its wheel, SmolLM2 from its GGUF)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from flexlora_hf import assets
+from flexlora_hf.data import assets
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Tests for flexlora_hf.bigbench on a tiny archive with the real BIG-bench layout (no network, no download)."""
+"""Tests for flexlora_hf.data.bigbench on a tiny archive with the real BIG-bench layout (no network, no download)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from flexlora_hf import bigbench
-from flexlora_hf.bigbench import (
+from flexlora_hf.data import bigbench
+from flexlora_hf.data.bigbench import (
     load_bigbench_classification,
     load_bigbench_multiple_choice,
     load_task_json,

@@ -205,7 +205,7 @@ def test_flexlora_model_4bit_base_from_model_args_string(tiny_base, trained_adap
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from flexlora_hf.quantization import is_linear4bit
+    from flexlora_hf.layer import is_linear4bit
 
     results = simple_evaluate(
         model="flexlora",
@@ -594,7 +594,7 @@ def test_commonsense_example_end_to_end_on_cpu(tiny_base, toy_bigbench, tmp_path
 @pytest.mark.slow
 def test_smollm2_offline_bigbench_social_iqa(tmp_path):
     """SmolLM2-135M (real weights, offline) on the held-out BIG-bench social_iqa rows through the `flexlora` model."""
-    from flexlora_hf.assets import materialize_smollm2
+    from flexlora_hf.data.assets import materialize_smollm2
 
     try:
         base = str(materialize_smollm2())

@@ -473,7 +473,7 @@ def test_quickstart_schedule_and_rank_table():
 # ---------------------------------------------------------------------------------------------------- slow: real models
 @pytest.mark.slow
 def test_run_glue_minilm_bigbench(tmp_path):
-    from flexlora_hf.assets import minilm_path
+    from flexlora_hf.data.assets import minilm_path
 
     out = tmp_path / "out"
     metrics = load_script("run_glue").main(
@@ -507,7 +507,7 @@ def test_run_glue_minilm_bigbench(tmp_path):
 
 @pytest.mark.slow
 def test_run_clm_smollm2(tmp_path):
-    from flexlora_hf.assets import materialize_smollm2
+    from flexlora_hf.data.assets import materialize_smollm2
 
     model_dir = materialize_smollm2()
     train = tmp_path / "train.txt"

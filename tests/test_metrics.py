@@ -1,4 +1,4 @@
-"""Tests for `flexlora_hf.metrics`: GLUE metrics checked against values computed by hand."""
+"""Tests for `flexlora_hf.data.metrics`: GLUE metrics checked against values computed by hand."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from transformers import EvalPrediction
 
-from flexlora_hf.metrics import (
+from flexlora_hf.data.metrics import (
     GLUE_MAIN_METRIC,
     accuracy,
     binary_f1,

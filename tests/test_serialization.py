@@ -27,10 +27,11 @@ from transformers import (
 )
 
 from flexlora_hf import FlexLoRAConfig, FlexLoRAModel, get_flexlora_model, plan_reallocation
-from flexlora_hf import serialization as ser
+from flexlora_hf.io import atomic
+from flexlora_hf.io.peft_view import peft_export
 from flexlora_hf.model_card import build_model_card, load_template, rank_tables
 from flexlora_hf.plotting import depth_order, plot_rank_history, short_module_types, split_module_path
-from flexlora_hf.serialization import load_adapter_into, load_flexlora, save_flexlora
+from flexlora_hf import load_adapter_into, load_flexlora, save_flexlora
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -289,7 +290,7 @@ def test_interrupted_save_keeps_previous_files(
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("power cut")
 
-    monkeypatch.setattr(ser.json, "dump", crash)  # dies while writing the first JSON file
+    monkeypatch.setattr(atomic.json, "dump", crash)  # dies while writing the first JSON file
     with pytest.raises(KeyboardInterrupt):
         save_flexlora(fm, target)
     monkeypatch.undo()
@@ -430,7 +431,7 @@ def test_adapted_layer_inside_modules_to_save(tmp_path: Path) -> None:
 
 def test_rank_pattern_keys_are_ordered_deepest_first() -> None:
     fm = get_flexlora_model(tiny_llama(), config())
-    adapter_config, _ = ser.peft_export(fm)
+    adapter_config, _ = peft_export(fm)
     depths = [k.count(".") for k in adapter_config["rank_pattern"]]
     assert depths == sorted(depths, reverse=True)
 

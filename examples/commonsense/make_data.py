@@ -11,7 +11,7 @@ and writes them as the JSON list LLM-Adapters' `commonsense_170k.json` uses:
 
 (Yes/No tasks such as strategyqa take LLM-Adapters' BoolQ form with `true`/`false` answers.)
 
-The BIG-bench archive is found or downloaded once by `flexlora_hf.bigbench` (`~/.cache/flexlora_hf/bigbench`).
+The BIG-bench archive is found or downloaded once by `flexlora_hf.data.bigbench` (`~/.cache/flexlora_hf/bigbench`).
 
     python make_data.py --output data/bigbench_social_iqa_train.json --tasks social_iqa --max_examples 512
 """

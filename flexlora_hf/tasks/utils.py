@@ -21,7 +21,7 @@ Data locations (lm-eval YAML cannot expand environment variables or resolve path
   `ARC-Challenge`, `ARC-Easy`, `openbookqa`).
 * BIG-bench eval rows: `$FLEXLORA_HF_EVAL_DATA/bigbench_<task>.jsonl`, default
   `~/.cache/flexlora_hf/eval_data/` (under `$FLEXLORA_HF_CACHE` when set); written on first use from the BIG-bench
-  archive (see `flexlora_hf.bigbench`) when missing.
+  archive (see `flexlora_hf.data.bigbench`) when missing.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ..constants import cache_root
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -182,8 +184,7 @@ def default_eval_data_dir() -> Path:
     """`$FLEXLORA_HF_EVAL_DATA`, else `<cache>/eval_data` with `<cache>` = `$FLEXLORA_HF_CACHE` or `~/.cache/flexlora_hf`."""
     if os.environ.get(EVAL_DATA_ENV):
         return Path(os.environ[EVAL_DATA_ENV]).expanduser()
-    cache = os.environ.get("FLEXLORA_HF_CACHE") or os.path.join("~", ".cache", "flexlora_hf")
-    return Path(cache).expanduser() / "eval_data"
+    return cache_root() / "eval_data"
 
 
 def bigbench_eval_path(task: str, data_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -203,7 +204,7 @@ def bigbench_train_eval_split(
     Returns:
         `tuple[list[dict], list[dict]]`: records `{"question", "choices", "label"}`.
     """
-    from flexlora_hf.bigbench import load_bigbench_multiple_choice
+    from flexlora_hf.data.bigbench import load_bigbench_multiple_choice
 
     records = load_bigbench_multiple_choice(task, archive=Path(archive) if archive is not None else None)
     train = [r for i, r in enumerate(records) if i % HOLDOUT_EVERY != 0]
@@ -226,7 +227,7 @@ def prepare_bigbench_eval_data(
             `FLEXLORA_HF_EVAL_DATA`).
         tasks (`Iterable[str]`, *optional*): BIG-bench task names, default `social_iqa` and `strategyqa`.
         limit (`int`, *optional*): keep only the first `limit` eval rows of each task.
-        archive (`str` or `os.PathLike`, *optional*): BIG-bench archive (see `flexlora_hf.bigbench`).
+        archive (`str` or `os.PathLike`, *optional*): BIG-bench archive (see `flexlora_hf.data.bigbench`).
 
     Returns:
         `dict[str, Path]`: task -> written file (one `{"question", "choices", "label"}` object per line).

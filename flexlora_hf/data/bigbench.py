@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..constants import cache_root
+
 if TYPE_CHECKING:
     from datasets import DatasetDict
 
@@ -39,7 +41,6 @@ logger = logging.getLogger(__name__)
 BIGBENCH_VERSION = "1.0.0"
 ARCHIVE_NAME = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
 ARCHIVE_ENV = "FLEXLORA_HF_BIGBENCH_ARCHIVE"
-CACHE_ENV = "FLEXLORA_HF_CACHE"
 TASKS_PREFIX = "bigbench/benchmark_tasks"
 
 # Tasks with a fixed choice set (sequence classification and LM multiple choice).
@@ -59,12 +60,8 @@ _FALLBACK_PIP = "25.3"
 _FIXED_CHOICE_MIN_SHARE = 0.5
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or "~/.cache/flexlora_hf").expanduser()
-
-
 def _default_cache_dir() -> Path:
-    return _cache_root() / "bigbench"
+    return cache_root() / "bigbench"
 
 
 def _archive_location(archive: str | Path | None = None, cache_dir: str | Path | None = None) -> Path:

@@ -1,0 +1,100 @@
+"""Save orchestration: one folder with the native view, the PEFT view, the rank map and history, heatmap and card.
+
+Weights first, then the JSON that describes them, then the derived files (heatmap, model card). Every file is
+written atomically (`io.atomic`), so an interrupted save never leaves a half-written file under a final name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ..constants import (
+    FLEXLORA_CONFIG_NAME,
+    FLEXLORA_WEIGHTS_NAME,
+    MODEL_CARD_NAME,
+    PEFT_CONFIG_NAME,
+    PEFT_WEIGHTS_NAME,
+    RANK_MAP_NAME,
+    __version__,
+)
+from .atomic import write_json, write_text
+from .history import write_rank_history
+from .native import native_state, write_safetensors
+from .peft_view import base_model_name_or_path, peft_export
+
+if TYPE_CHECKING:
+    from ..model import FlexLoRAModel
+
+logger = logging.getLogger(__name__)
+
+
+def save_flexlora(
+    model: FlexLoRAModel,
+    save_directory: str | os.PathLike[str],
+    *,
+    safe_serialization: bool = True,
+    is_main_process: bool = True,
+    model_card_kwargs: Mapping[str, Any] | None = None,
+) -> None:
+    """Save a FlexLoRA adapter as one folder with a native view and a plain PEFT LoRA view.
+
+    Args:
+        model (`FlexLoRAModel`): the adapted model.
+        save_directory (`str` or `os.PathLike`): folder to write (created if needed; existing files are replaced).
+        safe_serialization (`bool`, *optional*, defaults to `True`): kept for `save_pretrained` compatibility;
+            weights are always safetensors, and `False` raises.
+        is_main_process (`bool`, *optional*, defaults to `True`): only the main process writes (distributed
+            training calls this on every rank).
+        model_card_kwargs (`dict`, *optional*): keyword arguments for `build_model_card` (`base_model`,
+            `datasets`, `metrics`, `eval_results`, `training_args`, `pipeline_tag`, `repo_id`).
+
+    Raises:
+        ValueError: `safe_serialization=False`, or `save_directory` is an existing file.
+    """
+    if not safe_serialization:
+        raise ValueError(
+            "save_flexlora: FlexLoRA adapters are only saved as safetensors (pickle files can run code when loaded); "
+            "drop safe_serialization=False."
+        )
+    if not is_main_process:
+        return
+    save_directory = os.fspath(save_directory)
+    if os.path.isfile(save_directory):
+        raise ValueError(f"save_flexlora: {save_directory} is a file; pass a folder to save the adapter into.")
+    os.makedirs(save_directory, exist_ok=True)
+    base = model.get_base_model()
+
+    # Weights first, then the JSON that describes them; the picture and the card last (they are derived data).
+    tensors = native_state(model)
+    # One metadata key only: safetensors writes several in no fixed order, and identical saves should give identical
+    # bytes (the Hub then skips a re-upload). The version is in flexlora_config.json.
+    write_safetensors(os.path.join(save_directory, FLEXLORA_WEIGHTS_NAME), tensors, {"format": "pt"})
+    peft_config, peft_tensors = peft_export(model)
+    write_safetensors(os.path.join(save_directory, PEFT_WEIGHTS_NAME), peft_tensors, {"format": "pt"})
+    write_json(os.path.join(save_directory, PEFT_CONFIG_NAME), peft_config)
+
+    rank_map = model.rank_map()
+    write_json(os.path.join(save_directory, RANK_MAP_NAME), rank_map)
+    config = model.flexlora_config.to_dict()
+    config["_capacity"] = model.rank_caps()
+    config["_capacity_final"] = bool(getattr(model, "capacity_final", True))
+    config["_base_model_name_or_path"] = base_model_name_or_path(base)
+    config["_flexlora_hf_version"] = __version__
+    write_json(os.path.join(save_directory, FLEXLORA_CONFIG_NAME), config)
+
+    write_rank_history(model, save_directory)
+    from ..model_card import build_model_card  # the card sits above the I/O layer (it reads the saved views)
+
+    card = build_model_card(model, **dict(model_card_kwargs or {}))
+    write_text(os.path.join(save_directory, MODEL_CARD_NAME), str(card))
+    logger.info(
+        "Saved FlexLoRA adapter (%d matrices, total rank %d) to %s",
+        len(rank_map),
+        sum(rank_map.values()),
+        save_directory,
+    )
+
+
