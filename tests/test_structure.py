@@ -1,0 +1,175 @@
+"""The package's shape: one-way imports (no cycle), a core that imports torch only, a quiet import, the public API."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "flexlora_hf"
+CORE = ("config", "constants", "importance", "schedule", "allocation", "targets", "layer", "optim_surgery", "events", "model")
+HEAVY = ("transformers", "peft", "bitsandbytes", "lm_eval", "matplotlib", "datasets", "huggingface_hub", "sklearn", "scipy")
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _is_type_checking_block(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _internal_imports(path: Path, *, top_level_only: bool = False) -> set[str]:
+    """Every `flexlora_hf.*` module imported in `path` (function-level imports too, unless `top_level_only`), except
+    under `if TYPE_CHECKING:`, resolved to module names that exist."""
+    here = _module_name(path)
+    package = here if path.name == "__init__.py" else here.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if _is_type_checking_block(node):
+            return
+        if top_level_only and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            return
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("flexlora_hf"):
+                for alias in node.names:  # `from . import evaluation` names a module
+                    sub = f"{target}.{alias.name}"
+                    found.add(sub if _exists(sub) else target)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("flexlora_hf"))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")))
+    found.discard(here)
+    return {m for m in found if _exists(m)}
+
+
+def _exists(module: str) -> bool:
+    rel = Path(*module.split("."))
+    return (PACKAGE.parent / rel).with_suffix(".py").is_file() or (PACKAGE.parent / rel / "__init__.py").is_file()
+
+
+def import_graph() -> dict[str, set[str]]:
+    graph = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = _module_name(path)
+        if name == "flexlora_hf":  # the lazy public API points at everything by design (PEP 562, resolved on use)
+            continue
+        graph[name] = {m for m in _internal_imports(path) if m != "flexlora_hf"}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def dfs(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := dfs(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := dfs(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle_inside_the_package() -> None:
+    graph = import_graph()
+    assert "flexlora_hf.model" in graph and graph["flexlora_hf.model"], "the scan found no imports: it is broken"
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_core_imports_only_the_core_at_module_level() -> None:
+    # The model's convenience methods (save_pretrained / from_pretrained / push_to_hub) import the I/O and Hub
+    # layers where they are used; nothing above the core is imported when the core loads.
+    core = {f"flexlora_hf.{n}" for n in CORE} | {"flexlora_hf.quantization"}
+    for name in CORE:
+        imported = _internal_imports(PACKAGE / f"{name}.py", top_level_only=True)
+        assert imported <= core, f"flexlora_hf.{name} imports {imported - core} at module level"
+    lazy = import_graph()["flexlora_hf.model"] - core
+    assert lazy == {"flexlora_hf.hub", "flexlora_hf.io.native", "flexlora_hf.io.save"}, lazy
+
+
+def test_nothing_above_the_core_is_imported_by_the_io_layer_at_runtime() -> None:
+    graph = import_graph()
+    for name, imported in graph.items():
+        if name.startswith("flexlora_hf.io"):
+            assert not imported & {"flexlora_hf.model", "flexlora_hf.trainer", "flexlora_hf.hub"}, (name, imported)
+
+
+def _fresh_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("name", CORE)
+def test_core_module_imports_torch_only(name: str) -> None:
+    out = _fresh_python(
+        f"import sys, flexlora_hf.{name}; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"flexlora_hf.{name} pulled in: {out.stdout.strip()}"
+
+
+def test_import_prints_nothing_and_loads_nothing_heavy() -> None:
+    out = _fresh_python(f"import sys, flexlora_hf; assert not [m for m in {HEAVY!r} + ('torch',) if m in sys.modules]")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "" and out.stderr == ""
+
+
+def test_trainer_import_hides_only_the_bitsandbytes_kernels_hint() -> None:
+    # On CPUs with AVX512-BF16, bitsandbytes logs an install hint for `kernels` when peft/Trainer import it.
+    out = _fresh_python("import flexlora_hf; from flexlora_hf import FlexLoRATrainer; import peft")
+    assert out.returncode == 0, out.stderr
+    assert "kernels" not in out.stderr and out.stdout == ""
+    shown = subprocess.run(
+        [sys.executable, "-c", "import flexlora_hf, logging; logging.getLogger('bitsandbytes.backends.cpu.ops')"
+         ".warning('other message')"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert "other message" in shown.stderr  # every other bitsandbytes record still passes
+
+
+def test_every_public_name_imports() -> None:
+    import flexlora_hf
+
+    for name in [*flexlora_hf.__all__, "FlexLoRALM", "evaluate_adapter", "results_table", "prepare_bigbench_eval_data"]:
+        assert getattr(flexlora_hf, name) is not None, name
+    assert flexlora_hf.__version__
+
+
+def test_no_package_module_over_400_lines() -> None:
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long
+
+
+def test_every_module_opens_with_a_docstring() -> None:
+    missing = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if not ast.get_docstring(ast.parse(p.read_text()))]
+    assert not missing, missing
