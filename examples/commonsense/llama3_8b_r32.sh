@@ -32,7 +32,7 @@ torchrun --standalone --nproc_per_node "$NGPU" "$HERE/finetune.py" \
   --output_dir "$OUTPUT_DIR" \
   --cutoff_len 256 \
   --val_set_size 120 \
-  --lora_r 32 \
+  --r 32 \
   --lora_alpha 16 \
   --lora_dropout 0.05 \
   --target_modules q_proj,k_proj,v_proj,up_proj,down_proj \

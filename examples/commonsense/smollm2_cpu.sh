@@ -29,7 +29,7 @@ python "$HERE/finetune.py" \
   --output_dir "$WORK/adapter" \
   --cutoff_len 128 \
   --val_set_size 16 \
-  --lora_r 8 \
+  --r 8 \
   --lora_alpha 16 \
   --lora_dropout 0.05 \
   --target_modules q_proj,k_proj,v_proj,up_proj,down_proj \
