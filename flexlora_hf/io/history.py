@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ..model import FlexLoRAModel
 
 logger = logging.getLogger(__name__)
+_warned_no_plot = False
 
 
 def write_rank_history(model: FlexLoRAModel, output_dir: str) -> None:
@@ -36,4 +37,8 @@ def write_rank_history(model: FlexLoRAModel, output_dir: str) -> None:
 
         atomic_write(os.path.join(output_dir, HEATMAP_NAME), draw)
     except ImportError as err:  # matplotlib missing: the JSON is the record, the picture is a convenience
+        global _warned_no_plot
+        if _warned_no_plot:
+            return
+        _warned_no_plot = True
         logger.warning("Could not draw the rank heatmap (%s); install it with `pip install \"flexlora_hf[plot]\"`.", err)
