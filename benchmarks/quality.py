@@ -1,43 +1,34 @@
 """Quality: FlexLoRA vs PEFT LoRA vs PEFT AdaLoRA on real BIG-bench classification tasks with MiniLM-L6.
 
-Usage (the full run is sized for about half an hour on 2 CPU cores; run two shards side by side, one thread each,
-then aggregate)::
+One command, sharded over the cores, resumable (runs already in the runs file are skipped, results are appended as
+they finish)::
 
     python -m benchmarks.quality --shard 0/2 --threads 1 &   # appends to benchmarks/results/quality_runs.jsonl
     python -m benchmarks.quality --shard 1/2 --threads 1 &
-    python -m benchmarks.quality --report                    # -> benchmarks/results/quality.json + markdown tables
+    python -m benchmarks.quality --report                    # -> benchmarks/results/quality.json + markdown
 
-Runs already in the runs file are skipped, so an interrupted run resumes where it stopped.
+The study (issue "a drop-in FlexLoRA that learns at least as well as LoRA at the user's learning rate"):
 
-Model and data: all-MiniLM-L6-v2 (`flexlora_hf.data.assets.minilm_path`, 22.7M params, BERT) as a sequence classifier
-on three BIG-bench tasks (`flexlora_hf.data.bigbench.load_bigbench_classification`, fixed 80/20 split, seed 42):
-``vitaminc_fact_verification`` (3-way fact verification, MNLI-like), ``epistemic_reasoning`` (2-way entailment,
-RTE-like) and ``hyperbaton`` (adjective order, CoLA-like). The train split is subsampled to ``steps x batch``
-examples, the validation split to ``--n-eval``; both are fixed across seeds and methods.
+1. **Selection**: every method over the learning-rate grid {5e-4, 1e-3, 2e-3, 5e-3} on one selection seed (100) per
+   task; reported separately, never in the tables.
+2. **Drop-in** table: every method at *LoRA's* selected rate, seeds 0-2 (the user swaps the Trainer and keeps the
+   rate that is best for their LoRA).
+3. **Tuned** table: every method at its own selected rate, seeds 0-2.
+4. **Ablations** on the cheapest task, seeds 0-2, FlexLoRA at LoRA's selected rate: the paper's Tables 4-6
+   (importance, allocation, expansion init) and each of our non-paper defaults switched off one at a time
+   (``init_basis=gaussian``, ``lam_lr_ratio=1``, ``adam_reset=shared_step``, ``orth_reg_weight=0.1``) plus all of
+   them off together (``paper``).
 
-Equal budget: every method adapts the same 36 matrices (query, key, value, attention output, intermediate, output
-of the 6 layers) with rank 8, ``lora_alpha`` 16, and trains the classifier head in full.
+The table phases start once every selection run is in the runs file (a shard that finishes selection early polls).
 
-* ``lora``: PEFT LoRA r = 8.
-* ``flexlora``: FlexLoRA r = 8 (total active rank 36 x 8 = 288, conserved by bidirectional events), b0 = 4, the
-  paper's schedule (eq. 4) with T_warmup = T_final = 20 % of the steps and Δ_T = steps / 20.
-* ``adalora``: PEFT AdaLoRA init_r = 12, target_r = 8: the final budget is 36 x 8 = 288 ranks, exactly
-  FlexLoRA's total rank (AdaLoRA's own 1.5x recipe; PEFT cannot run init_r = target_r, see docs/benchmarks.md),
-  with the same tinit / tfinal / deltaT as FlexLoRA, ``update_and_allocate`` after every optimizer step.
-* Both SVD methods use the orthogonality weight 0.1. Same optimizer (AdamW, no weight decay, linear schedule with
-  10 % warm-up), batch 16, 150 steps, sequence length, seeds (0-2), 400 validation examples.
-
-Learning rate: the only hyper-parameter that differs in the main table. LoRA trains at 2e-3 and the two SVD-form
-methods at 1e-2: with λ = 0 and N(0, 0.02²) vectors at the start, Adam moves one scalar λ per direction where LoRA
-moves a whole column of B, so at LoRA's learning rate the SVD forms barely leave the base model within 150 steps.
-Each method's rate is the better of {2e-3, 1e-2} on hyperbaton (seeds 0-1); that grid, all three methods at both
-rates, is reported too (the same-hyper-parameter comparison), with FlexLoRA without the orthogonality term as a
-diagnostic.
-
-Ablations (the paper's Tables 4-6) on ``hyperbaton`` (``--ablation-task``), seeds 0-1, FlexLoRA at lr 1e-2:
-importance entropy / nuclear / frobenius; allocation bidirectional / prune_only / expand_only; expansion init
-zero_impact / small / zero / orthogonal. The default FlexLoRA run (entropy, bidirectional, zero_impact) is shared
-with the main comparison. ``--parts`` selects main / grid / ablations.
+Model and data: all-MiniLM-L6-v2 (`flexlora_hf.data.assets.minilm_path`, BERT, 22.7M params) as a sequence
+classifier; BIG-bench tasks via `flexlora_hf.data.bigbench.load_bigbench_classification` (fixed 80/20 split, seed
+42), train split subsampled to ``steps x batch`` rows (cycled when smaller), validation to ``--n-eval`` rows.
+Equal budget: every method adapts the same 36 matrices (query, key, value, attention output, intermediate, output)
+with rank 8, ``lora_alpha`` 16, and trains the classifier head in full. FlexLoRA: b0 = 4, eq. 4 schedule with
+T_warmup = T_final = 20 % of the steps, Δ_T = 5 %, every other field at the library default. AdaLoRA: init_r 12,
+target_r 8 (equal final budget), same tinit / tfinal / deltaT, orthogonality weight 0.1. Same optimizer (AdamW, no
+weight decay, linear schedule, 10 % warm-up), batch 16, 300 steps.
 """
 
 from __future__ import annotations
@@ -49,6 +40,7 @@ import logging
 import os
 import tempfile
 import time
+import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,85 +52,112 @@ from .common import machine_info, mean_std, offline_env, pick_device, setup_logg
 
 logger = logging.getLogger("benchmarks.quality")
 
-TASKS = {
-    "vitaminc_fact_verification": {"max_len": 96},
+TASKS: dict[str, dict[str, Any]] = {
+    "intent_recognition": {"max_len": 32},
+    "multiemo": {"max_len": 96, "subtask": "all_sentence_en"},
+    "logical_fallacy_detection": {"max_len": 64},
+    # probed as candidates (see docs/benchmarks.md), not in the study by default
+    "winowhy": {"max_len": 80},
+    "metaphor_boolean": {"max_len": 48},
+    "sports_understanding": {"max_len": 32},
+    "strategyqa": {"max_len": 32},
     "epistemic_reasoning": {"max_len": 80},
     "hyperbaton": {"max_len": 64},
 }
-ABLATION_TASK = "hyperbaton"
+STUDY_TASKS = ("intent_recognition", "multiemo", "logical_fallacy_detection")
+ABLATION_TASK = "intent_recognition"
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-# Learning rates: LoRA at 2e-3; the two SVD-form methods (λ = 0 and N(0, 0.02²) vectors at the start) at 1e-2.
-# Chosen as the better of {2e-3, 1e-2} per method on hyperbaton (seeds 0-1, see LR_GRID); the grid itself, with all
-# three methods at both learning rates, is the same-hyper-parameter comparison.
-SVD_LR = "lr=0.01"
-METHODS = ("lora", f"adalora:{SVD_LR}", f"flexlora:{SVD_LR}")
-METHOD_LABELS = {"lora": "PEFT LoRA (lr 2e-3)", METHODS[1]: "PEFT AdaLoRA (lr 1e-2)", METHODS[2]: "FlexLoRA (lr 1e-2)"}
-LR_GRID = ("lora", "adalora", "flexlora", "lora:lr=0.01", "adalora:lr=0.01", "flexlora:lr=0.01")
-# FlexLoRA without the orthogonality term (is γ·R what slows it down?).
-DIAGNOSTICS = ("flexlora:lr=0.01,orth_reg_weight=0.0",)
-ABLATIONS = tuple(
-    f"flexlora:{change},{SVD_LR}"
-    for change in (
-        "importance=nuclear",
-        "importance=frobenius",
-        "allocation=prune_only",
-        "allocation=expand_only",
-        "expansion_init=small",
-        "expansion_init=zero",
-        "expansion_init=orthogonal",
-    )
+METHODS = ("lora", "adalora", "flexlora")
+LRS = (5e-4, 1e-3, 2e-3, 5e-3)
+SELECT_SEED = 100
+TABLE_SEEDS = (0, 1, 2)
+PAPER = "init_basis=gaussian,lam_lr_ratio=1,adam_reset=shared_step,orth_reg_weight=0.1"
+ABLATIONS = (
+    "importance=nuclear",
+    "importance=frobenius",
+    "allocation=prune_only",
+    "allocation=expand_only",
+    "expansion_init=small",
+    "expansion_init=zero",
+    "init_basis=gaussian",
+    "lam_lr_ratio=1",
+    "adam_reset=shared_step",
+    "orth_reg_weight=0.1",
+    PAPER,
 )
-PARTS = ("main", "grid", "ablations")
-SEEDS = (0, 1, 2)
-ABLATION_SEEDS = (0, 1)
 DEFAULT_RUNS = Path("benchmarks/results/quality_runs.jsonl")
 DEFAULT_REPORT = Path("benchmarks/results/quality.json")
 
 
 # ---------------------------------------------------------------------------------------------------------- plan
-def all_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every (task, method, seed) of the selected parts in a fixed order: the main comparison on the cheap tasks,
-    the LR grid and diagnostics, the ablations, then the most expensive task (vitaminc), so an interrupted run has
-    the most informative results first. Runs shared between parts (same key) appear once."""
-    main = [
-        {"task": task, "method": method, "seed": seed}
-        for task in sorted(args.tasks, key=lambda t: TASKS[t]["max_len"])
-        for method in args.methods
-        for seed in args.seeds
+def method_at(method: str, lr: float) -> str:
+    """``flexlora:importance=nuclear`` at lr 1e-3 -> ``flexlora:importance=nuclear,lr=0.001``."""
+    name, _, rest = method.partition(":")
+    return f"{name}:{rest + ',' if rest else ''}lr={lr:g}"
+
+
+def selection_runs(tasks: Sequence[str]) -> list[dict[str, Any]]:
+    return [
+        {"task": t, "method": method_at(m, lr), "seed": SELECT_SEED, "part": "select"}
+        for t in tasks
+        for m in METHODS
+        for lr in LRS
     ]
-    grid = [
-        {"task": ABLATION_TASK, "method": method, "seed": seed}
-        for method in (*LR_GRID, *DIAGNOSTICS)
-        for seed in args.ablation_seeds
-    ]
-    ablations = [
-        {"task": args.ablation_task, "method": method, "seed": seed}
-        for method in ABLATIONS
-        for seed in args.ablation_seeds
-    ]
-    last = max(TASKS, key=lambda t: TASKS[t]["max_len"])
-    ordered = [r for r in main if r["task"] != last and "main" in args.parts]
-    ordered += grid if "grid" in args.parts else []
-    ordered += ablations if "ablations" in args.parts else []
-    ordered += [r for r in main if r["task"] == last and "main" in args.parts]
-    unique: dict[str, dict[str, Any]] = {}
-    for run in ordered:
-        unique.setdefault(run_key(run), run)
-    return list(unique.values())
+
+
+def selected_lr(rows: list[dict[str, Any]], task: str, method: str) -> float | None:
+    """The grid rate with the best selection-seed accuracy (ties: the smaller rate); None until all are in."""
+    acc = {}
+    for r in rows:
+        name, overrides = parse_method(r["method"])
+        if r["task"] == task and r["seed"] == SELECT_SEED and name == method and set(overrides) == {"lr"}:
+            acc[float(overrides["lr"])] = r["accuracy"]
+    if len(acc) < len(LRS):
+        return None
+    return max(sorted(acc), key=lambda lr: acc[lr])
+
+
+def table_runs(rows: list[dict[str, Any]], tasks: Sequence[str], seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """Drop-in, tuned and ablation runs, derived from the selection results (which must be complete)."""
+    runs = []
+    for t in tasks:
+        lora_lr = selected_lr(rows, t, "lora")
+        assert lora_lr is not None
+        for m in METHODS:
+            runs += [{"task": t, "method": method_at(m, lora_lr), "seed": s, "part": "dropin"} for s in seeds]
+        for m in METHODS:
+            own = selected_lr(rows, t, m)
+            assert own is not None
+            runs += [{"task": t, "method": method_at(m, own), "seed": s, "part": "tuned"} for s in seeds]
+    abl_lr = selected_lr(rows, ABLATION_TASK, "lora")
+    if ABLATION_TASK in tasks and abl_lr is not None:
+        runs += [
+            {"task": ABLATION_TASK, "method": method_at(f"flexlora:{v}", abl_lr), "seed": s, "part": "ablation"}
+            for v in ABLATIONS
+            for s in seeds
+        ]
+    return runs
 
 
 def run_key(run: dict[str, Any]) -> str:
     return f"{run['task']}|{run['method']}|{run['seed']}"
 
 
-def done_keys(path: Path) -> set[str]:
-    if not path.is_file():
-        return set()
-    keys = set()
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            keys.add(run_key(json.loads(line)))
-    return keys
+def unique(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        seen.setdefault(run_key(run), run)
+    return list(seen.values())
+
+
+def load_runs(path: Path) -> list[dict[str, Any]]:
+    """Records of the runs file (a torn last line from an interrupted run is skipped)."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------- data
@@ -152,7 +171,7 @@ def load_task(task: str, n_train: int, n_eval: int, tokenizer: Any) -> Any:
         return _DATA_CACHE[key]
     from flexlora_hf.data.bigbench import load_bigbench_classification
 
-    ds = load_bigbench_classification(task, validation_fraction=0.2, seed=42)
+    ds = load_bigbench_classification(task, subtask=TASKS[task].get("subtask"), validation_fraction=0.2, seed=42)
     train, val = ds["train"], ds["validation"]
     train = train.shuffle(seed=42).select(range(min(n_train, len(train))))
     val = val.shuffle(seed=42).select(range(min(n_eval, len(val))))
@@ -170,6 +189,8 @@ def load_task(task: str, n_train: int, n_eval: int, tokenizer: Any) -> Any:
     _DATA_CACHE[key] = out
     return out
 
+
+# ---------------------------------------------------------------------------------------------------------- methods
 
 # ---------------------------------------------------------------------------------------------------------- methods
 def _coerce(value: str) -> Any:
@@ -212,8 +233,7 @@ def make_trainer(method: str, model: Any, args: argparse.Namespace, targs: Any, 
             "lora_alpha": args.alpha,
             "target_modules": list(TARGETS),
             "b0": args.b0,
-            "orth_reg_weight": args.orth_reg_weight,
-            "seed": targs.seed,
+            "seed": targs.seed,  # everything else (γ, init basis, λ rate, Adam reset) at the library defaults
             **sched,
         }
         cfg = FlexLoRAConfig(**(fields | overrides))
@@ -350,130 +370,103 @@ def train_one(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+
+
 # ---------------------------------------------------------------------------------------------------------- report
-def load_runs(path: Path) -> list[dict[str, Any]]:
-    """Records of the runs file (a torn last line from an interrupted run is skipped)."""
-    rows = []
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            rows.append(json.loads(line))
-    return rows
+def _group(rows: list[dict[str, Any]], task: str, method: str, seeds: Sequence[int]) -> dict[int, float]:
+    return {r["seed"]: r["accuracy"] for r in rows if r["task"] == task and r["method"] == method and r["seed"] in seeds}
 
 
-def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """task -> method -> mean ± std over seeds of accuracy, macro-F1, CPU time, and the final total rank."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        groups[(row["task"], row["method"])].append(row)
-    summary: dict[str, Any] = {}
-    for (task, method), items in sorted(groups.items()):
-        items.sort(key=lambda r: r["seed"])
-        summary.setdefault(task, {})[method] = {
-            "accuracy": mean_std([r["accuracy"] for r in items]),
-            "macro_f1": mean_std([r["macro_f1"] for r in items]),
-            "train_cpu_s": mean_std([r["train_cpu_s"] for r in items]),
-            "train_wall_s": mean_std([r["train_wall_s"] for r in items]),
-            "seeds": [r["seed"] for r in items],
-            "lr": items[0]["lr"],
-            "majority_baseline": items[0]["majority_baseline"],
-            "params": items[0]["params"],
-            "final_total_rank": [r["ranks"].get("total_rank") for r in items] if items[0]["ranks"] else None,
-        }
-    return summary
+def _cell(values: dict[int, float]) -> str:
+    if not values:
+        return "-"
+    stats = mean_std([values[s] for s in sorted(values)])
+    seeds = ", ".join(f"{100 * values[s]:.1f}" for s in sorted(values))
+    return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f} ({seeds})"
 
 
 def report(args: argparse.Namespace) -> dict[str, Any]:
     """Aggregate the runs file into ``--report-file`` and print the markdown tables."""
     rows = load_runs(args.runs_file)
-    seeds2 = set(args.ablation_seeds)
-    main_rows = [r for r in rows if r["method"] in args.methods and r["seed"] in args.seeds]
-    grid_rows = [r for r in rows if r["task"] == ABLATION_TASK and r["method"] in (*LR_GRID, *DIAGNOSTICS)]
-    abl_rows = [r for r in rows if r["task"] == args.ablation_task and r["method"] in (METHODS[2], *ABLATIONS)]
-    result = {
+    tasks = [t for t in args.tasks if any(r["task"] == t for r in rows)]
+    result: dict[str, Any] = {
         "benchmark": "quality",
         "runs_file": str(args.runs_file),
         "n_runs": len(rows),
-        "settings": {k: rows[0][k] for k in ("steps", "batch_size", "n_train", "n_eval")} if rows else {},
+        "settings": {k: rows[0][k] for k in ("steps", "batch_size", "n_eval")} if rows else {},
         "machine": machine_info(pick_device(args.device)),
-        "main": aggregate(main_rows),
-        "lr_grid": aggregate([r for r in grid_rows if r["seed"] in seeds2]).get(ABLATION_TASK, {}),
-        "ablations": aggregate([r for r in abl_rows if r["seed"] in seeds2]).get(args.ablation_task, {}),
-        "ablation_task": args.ablation_task,
-        "ablation_seeds": sorted(seeds2),
+        "selection": {},
+        "dropin": {},
+        "tuned": {},
+        "ablations": {},
     }
+    lines: list[str] = []
+    # selection grid
+    lines += ["Selection (seed 100): accuracy % per learning rate; * = selected", ""]
+    lines += ["| task | method | " + " | ".join(f"{lr:g}" for lr in LRS) + " |", "|---|---|" + "---|" * len(LRS)]
+    for t in tasks:
+        for m in METHODS:
+            sel = selected_lr(rows, t, m)
+            accs = {lr: _group(rows, t, method_at(m, lr), [SELECT_SEED]).get(SELECT_SEED) for lr in LRS}
+            result["selection"].setdefault(t, {})[m] = {"selected_lr": sel, "accuracy": {f"{k:g}": v for k, v in accs.items()}}
+            cells = [("-" if a is None else f"{100 * a:.1f}") + ("*" if lr == sel else "") for lr, a in accs.items()]
+            lines.append(f"| {t} | {m} | " + " | ".join(cells) + " |")
+    # drop-in and tuned tables
+    for part, title in (("dropin", "Drop-in: every method at LoRA's selected rate"), ("tuned", "Tuned: every method at its own selected rate")):
+        lines += ["", f"{title}, seeds {list(args.seeds)}: accuracy % mean ± std (per seed); wins = seeds above LoRA", ""]
+        lines += ["| task (majority) | " + " | ".join(METHODS) + " |", "|---|" + "---|" * len(METHODS)]
+        for t in tasks:
+            lora_lr = selected_lr(rows, t, "lora")
+            if lora_lr is None:
+                continue
+            lora_vals = _group(rows, t, method_at("lora", lora_lr), args.seeds)
+            maj = next((r["majority_baseline"] for r in rows if r["task"] == t), float("nan"))
+            cells = []
+            for m in METHODS:
+                lr = lora_lr if part == "dropin" else selected_lr(rows, t, m)
+                if lr is None:
+                    cells.append("-")
+                    continue
+                vals = _group(rows, t, method_at(m, lr), args.seeds)
+                wins = sum(vals[s] > lora_vals[s] for s in vals if s in lora_vals)
+                ties = sum(vals[s] == lora_vals[s] for s in vals if s in lora_vals)
+                result[part].setdefault(t, {})[m] = {"lr": lr, "per_seed": vals, "stats": mean_std(list(vals.values())) if vals else None,
+                                                   "wins_vs_lora": wins, "ties_vs_lora": ties}
+                extra = "" if m == "lora" else f"; wins {wins}/{len(vals)}"
+                cells.append(f"{_cell(vals)} @ {lr:g}{extra}")
+            lines.append(f"| {t} ({100 * maj:.1f}) | " + " | ".join(cells) + " |")
+    # ablations
+    abl_lr = selected_lr(rows, ABLATION_TASK, "lora")
+    if abl_lr is not None:
+        lines += ["", f"Ablations on {ABLATION_TASK}, FlexLoRA at LoRA's rate {abl_lr:g}, seeds {list(args.seeds)}:", ""]
+        lines += ["| variant | accuracy % | final total rank per seed |", "|---|---|---|"]
+        for v in ("default", *ABLATIONS):
+            method = method_at("flexlora" if v == "default" else f"flexlora:{v}", abl_lr)
+            vals = _group(rows, ABLATION_TASK, method, args.seeds)
+            ranks = [r["ranks"].get("total_rank") for r in rows if r["task"] == ABLATION_TASK and r["method"] == method and r["seed"] in args.seeds]
+            result["ablations"][v] = {"per_seed": vals, "stats": mean_std(list(vals.values())) if vals else None}
+            lines.append(f"| {v} | {_cell(vals)} | {'/'.join(str(x) for x in ranks) or '-'} |")
+    result["markdown"] = "\n".join(lines)
     write_json(args.report_file, result)
-    print(format_tables(result))
+    print(result["markdown"])
     return result
-
-
-def format_tables(result: dict[str, Any]) -> str:
-    """Markdown: main comparison, same-LR grid, ablations (accuracy in %: mean ± std over seeds (per seed))."""
-
-    def cell(d: dict[str, Any]) -> str:
-        seeds = ", ".join(f"{100 * v:.1f}" for v in d["values"])
-        return f"{100 * d['mean']:.1f} ± {100 * d['std']:.1f} ({seeds})"
-
-    def ranks(e: dict[str, Any]) -> str:
-        return "-" if not e["final_total_rank"] else "/".join(str(x) for x in e["final_total_rank"])
-
-    s = result["main"]
-    lines = [
-        "| task | majority class | " + " | ".join(METHOD_LABELS[m] for m in METHODS) + " |",
-        "|---|---|" + "---|" * len(METHODS),
-    ]
-    for task in TASKS:
-        if task in s:
-            row = [task, f"{100 * next(iter(s[task].values()))['majority_baseline']:.1f}"]
-            row += [cell(s[task][m]["accuracy"]) if m in s[task] else "-" for m in METHODS]
-            lines.append("| " + " | ".join(row) + " |")
-    grid = result.get("lr_grid", {})
-    if grid:
-        lines += [
-            "",
-            f"Same hyper-parameters, {ABLATION_TASK}, seeds {result['ablation_seeds']}:",
-            "",
-            "| method | lr 2e-3 | lr 1e-2 |",
-            "|---|---|---|",
-        ]
-        for m in ("lora", "adalora", "flexlora"):
-            cells = [cell(grid[k]["accuracy"]) if k in grid else "-" for k in (m, f"{m}:lr=0.01")]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        for m in DIAGNOSTICS:
-            if m in grid:
-                lines.append(f"| {m} | - | {cell(grid[m]['accuracy'])} |")
-    abl = result.get("ablations", {})
-    if abl:
-        lines += [
-            "",
-            f"Ablations, {result['ablation_task']}, seeds {result['ablation_seeds']}:",
-            "",
-            "| variant | accuracy | macro-F1 | final total rank per seed |",
-            "|---|---|---|---|",
-        ]
-        for m in (METHODS[2], *ABLATIONS):
-            if m in abl:
-                e = abl[m]
-                lines.append(f"| {m} | {cell(e['accuracy'])} | {cell(e['macro_f1'])} | {ranks(e)} |")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n")[0])
-    p.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(TASKS))
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
-    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    p.add_argument("--ablation-task", choices=tuple(TASKS), default=ABLATION_TASK)
-    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    p.add_argument("--ablation-seeds", type=int, nargs="+", default=list(ABLATION_SEEDS))
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(STUDY_TASKS))
+    p.add_argument("--seeds", type=int, nargs="+", default=list(TABLE_SEEDS))
+    p.add_argument("--custom", nargs="+", default=None, metavar="METHOD",
+                   help="Only run these method specs (e.g. 'flexlora:lr=0.001,lam_lr_ratio=3') on --tasks x --seeds.")
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--b0", type=int, default=4)
     p.add_argument("--adalora-init-r", type=int, default=12)
-    p.add_argument("--orth-reg-weight", type=float, default=0.1)
+    p.add_argument("--orth-reg-weight", type=float, default=0.1, help="AdaLoRA's orthogonality weight.")
     p.add_argument("--n-eval", type=int, default=400)
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th pending run starting at i.")
     p.add_argument("--threads", type=int, default=0)
@@ -481,8 +474,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs-file", type=Path, default=DEFAULT_RUNS)
     p.add_argument("--report-file", type=Path, default=DEFAULT_REPORT)
     p.add_argument("--report", action="store_true", help="Only aggregate the runs file.")
-    p.add_argument("--limit", type=int, default=0, help="Stop after this many runs (0: all).")
+    p.add_argument("--poll", type=float, default=20.0, help="Seconds between checks while other shards select.")
     return p.parse_args(argv)
+
+
+def _run_and_append(run: dict[str, Any], args: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    record = train_one(run, args)
+    with open(args.runs_file, "a") as f:  # one short line per run: O_APPEND keeps shards from interleaving
+        f.write(json.dumps(record) + "\n")
+    logger.info(
+        "%s acc %.3f (majority %.3f) in %.0f s", run_key(run), record["accuracy"], record["majority_baseline"],
+        time.perf_counter() - t0,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -495,28 +499,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     i, n = (int(x) for x in args.shard.split("/"))
-    done = done_keys(args.runs_file)
-    pending = [r for r in all_runs(args) if run_key(r) not in done]
-    mine = pending[i::n]
-    if args.limit:
-        mine = mine[: args.limit]
-    logger.info("%d runs pending, %d in shard %s", len(pending), len(mine), args.shard)
     args.runs_file.parent.mkdir(parents=True, exist_ok=True)
-    for k, run in enumerate(mine):
-        t0 = time.perf_counter()
-        record = train_one(run, args)
-        with open(args.runs_file, "a") as f:  # one short line per run: O_APPEND keeps shards from interleaving
-            f.write(json.dumps(record) + "\n")
-        logger.info(
-            "[%d/%d] %s acc %.3f (majority %.3f) in %.0f s (%.0f s CPU)",
-            k + 1,
-            len(mine),
-            run_key(run),
-            record["accuracy"],
-            record["majority_baseline"],
-            time.perf_counter() - t0,
-            record["train_cpu_s"],
-        )
+    if args.custom:
+        runs = [{"task": t, "method": m, "seed": s, "part": "custom"} for t in args.tasks for m in args.custom for s in args.seeds]
+        phases = [lambda rows: runs]
+    else:
+        phases = [lambda rows: selection_runs(args.tasks), lambda rows: table_runs(rows, args.tasks, args.seeds)]
+    for k, phase in enumerate(phases):
+        while True:
+            rows = load_runs(args.runs_file)
+            done = {run_key(r) for r in rows}
+            pending = [r for r in unique(phase(rows)) if run_key(r) not in done]
+            mine = [r for r in pending if zlib.crc32(run_key(r).encode()) % n == i]  # stable: no run twice
+            if mine:
+                _run_and_append(mine[0], args)  # one at a time: re-read the file, other shards may have finished runs
+                continue
+            if not pending or k == len(phases) - 1:
+                break
+            time.sleep(args.poll)  # another shard is still on this phase, and the next one needs its results
     return 0
 
 

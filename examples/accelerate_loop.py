@@ -11,7 +11,8 @@ The three lines a custom loop needs, in PEFT AdaLoRA's vocabulary, are marked ``
    optimizer steps; it runs the scheduled reallocation event (or nothing) exactly as ``FlexLoRACallback`` does,
    resetting the optimizer moments of the touched directions in place.
 
-Keep λ out of weight decay (it is a singular value) with a separate param group, as ``FlexLoRATrainer`` does.
+Build the optimizer from ``flexlora_hf.optim_surgery.param_groups``: λ gets its own group (``lam_lr_ratio``, never
+weight decay), as ``FlexLoRATrainer`` does.
 
 Example (offline, real model; a text file with one document per line)::
 
@@ -32,18 +33,9 @@ import torch
 from torch import nn
 
 from flexlora_hf import FlexLoRAConfig, FlexLoRAModel, get_flexlora_model
+from flexlora_hf.optim_surgery import param_groups
 
 logger = logging.getLogger("accelerate_loop")
-
-
-def param_groups(model: FlexLoRAModel, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters in two groups: λ (and biases / norms) without decay, the rest with `weight_decay`."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if "lora_lam" in name or name.endswith("bias") or "norm" in name.lower() else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def train_loop(
@@ -69,7 +61,9 @@ def train_loop(
     """
     flex = model
     gamma = flex.flexlora_config.orth_reg_weight
-    optimizer: Any = torch.optim.AdamW(param_groups(flex, weight_decay), lr=learning_rate)
+    # FlexLoRA: λ in its own group (lam_lr_ratio, no weight decay), the same groups FlexLoRATrainer builds
+    groups = param_groups(flex, learning_rate, weight_decay, flex.flexlora_config.lam_lr_ratio)
+    optimizer: Any = torch.optim.AdamW(groups, lr=learning_rate)
     train_model: nn.Module = flex
     if accelerator is not None:
         train_model, optimizer = accelerator.prepare(flex, optimizer)

@@ -38,11 +38,15 @@ _EXPORTS: dict[str, str] = {
     "load_adapter_into": "io.native",
     "load_flexlora": "model",
     "load_base_model": "quantization",
+    "load_peft_view": "transfer",
+    "lora_config_from_pretrained": "transfer",
+    "lora_config_from_rank_map": "transfer",
     "plan_reallocation": "allocation",
     "plot_rank_history": "plotting",
     "push_to_hub": "hub",
     "save_flexlora": "io.save",
     "spectral_entropy": "importance",
+    "to_lora_config": "transfer",
     # lm-eval is optional and slow to import
     "FlexLoRALM": "evaluation",
     "evaluate_adapter": "evaluation",
@@ -71,11 +75,15 @@ __all__ = [
     "load_adapter_into",
     "load_base_model",
     "load_flexlora",
+    "load_peft_view",
+    "lora_config_from_pretrained",
+    "lora_config_from_rank_map",
     "plan_reallocation",
     "plot_rank_history",
     "push_to_hub",
     "save_flexlora",
     "spectral_entropy",
+    "to_lora_config",
 ]
 
 
@@ -111,3 +119,4 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .quantization import guard_bnb_cpu, load_base_model
     from .schedule import budget_at, event_steps, is_event_step
     from .trainer import FlexLoRACallback, FlexLoRATrainer, FlexLoRATrainerMixin
+    from .transfer import load_peft_view, lora_config_from_pretrained, lora_config_from_rank_map, to_lora_config

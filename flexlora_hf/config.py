@@ -20,6 +20,8 @@ IMPORTANCE_METRICS = ("entropy", "nuclear", "frobenius", "elem_energy_entropy", 
 ALLOCATIONS = ("bidirectional", "prune_only", "expand_only")
 EXPANSION_INITS = ("zero_impact", "small", "zero", "orthogonal")
 SCHEDULES = ("paper", "window", "constant")
+INIT_BASES = ("orthonormal", "gaussian")
+ADAM_RESETS = ("slot_age", "shared_step")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -159,9 +161,31 @@ class FlexLoRAConfig:
             "reallocation window so it reaches 0 at T - t_final (AdaLoRA's shape); 'constant' keeps b0."
         },
     )
+    init_basis: str = field(
+        default="orthonormal",
+        metadata={
+            "help": "Initial P columns / Q rows and new directions: 'orthonormal' (unit norm, mutually orthogonal, "
+            "eq. 2 = 0 at step 0) or 'gaussian' (N(0, init_scale²), AdaLoRA's init; the paper does not specify)."
+        },
+    )
     init_scale: float = field(
         default=0.02,
-        metadata={"help": "Std of the Gaussian initial P, Q and of new directions (AdaLoRA/paper: 0.02)."},
+        metadata={"help": "Std of the Gaussian P, Q when init_basis='gaussian' (AdaLoRA: 0.02)."},
+    )
+    lam_lr_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "λ's learning rate as a multiple of the optimizer's (its own param group, no weight decay; as "
+            "LoRA+ does for B). 1.0 is the paper's single rate."
+        },
+    )
+    adam_reset: str = field(
+        default="slot_age",
+        metadata={
+            "help": "Adam state of a pruned/new direction: 'slot_age' zeroes its moments and bias-corrects its updates "
+            "by its own age (steps as under a fresh Adam); 'shared_step' only zeroes the moments (the tensor's step "
+            "counter stays, so a new direction's first updates are ~3x lr)."
+        },
     )
     small_init_value: float = field(
         default=1e-3, metadata={"help": "λ given to a new direction when expansion_init='small'."}
@@ -219,6 +243,10 @@ class FlexLoRAConfig:
         _check_choice("allocation", self.allocation, ALLOCATIONS)
         _check_choice("expansion_init", self.expansion_init, EXPANSION_INITS)
         _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("init_basis", self.init_basis, INIT_BASES)
+        _check_choice("adam_reset", self.adam_reset, ADAM_RESETS)
+        if not self.lam_lr_ratio > 0:
+            raise ValueError(f"FlexLoRAConfig.lam_lr_ratio={self.lam_lr_ratio!r} must be > 0 (1.0: λ at the base rate).")
         if self.init_scale <= 0:
             raise ValueError(f"FlexLoRAConfig.init_scale={self.init_scale!r} must be > 0.")
         if self.entropy_eps < 0:

@@ -4,13 +4,28 @@ Owns the adapter tensors of one matrix and every operation on them: forward, pru
 (eq. 2), ΔW, compact export/import and merging. It wraps (never replaces) the base layer, so the same code serves
 `nn.Linear`, GPT-2's `Conv1D` (weight stored as (in, out)) and bitsandbytes `Linear4bit`.
 
-Fixed shapes: the layer holds `capacity` slots (`P` (out, R), `lam` (R,), `Q` (R, in)) and a boolean `active`
-mask (R,). Ranks move by flipping the mask, so parameters never change shape during training (DDP, FSDP, compile and
-`optimizer.pt` resume keep working). An inactive slot holds exact zeros and is multiplied out of the forward, so it
-contributes nothing and receives exactly zero gradient; AdamW's decoupled decay keeps zeros at zero.
+Fixed shapes, active prefix: the layer holds `capacity` slots (`P` (out, R), `lam` (R,), `Q` (R, in)) and its
+active directions are always the *prefix* [0, rank). Forward, backward and eq. 2 slice that prefix (views, no copies)
+and so cost exactly what a rank-`rank` LoRA costs; parameters never change shape (DDP buckets, `optimizer.pt`,
+resume and in-place optimizer surgery keep working). Pruning moves the last active direction into the hole (its
+optimizer moments move with it, `optim_surgery.move_slots`), expansion activates slot `rank`. Inactive slots hold
+exact zeros and get exactly zero gradient. Chosen over an index tensor + `index_select` because slicing adds no
+gather/scatter kernels and no (…, R) copies to every step; the price is a slot move at pruning, i.e. at an event.
+`rank` is a host integer (read by the forward without a device sync), mirrored in the `lora_rank` buffer so a
+`state_dict` round trip keeps it. torch.compile sees a new shape at each event (use `dynamic=True`).
 
-Initialisation (AdaLoRA, and the paper's "zero-impact" rule): P and Q ~ N(0, init_scale²) (0.02 by default), λ = 0,
-so the wrapped model starts exactly at the base model. New directions use the same Gaussian scale.
+Dtype policy (as PEFT's LoRA layer): the adapter keeps its own dtype (fp32 by default, also on bf16 / 4-bit bases);
+outside autocast the input is cast to it and ΔW·x is cast back to the base output's dtype; under autocast nothing is
+cast by hand (autocast runs both matmuls in its dtype), so bf16 inputs are never copied to fp32 for nothing.
+
+Initialisation (the paper's "zero-impact" rule: λ = 0, so the wrapped model starts exactly at the base model), with
+two bases (`init_basis`):
+
+* `"orthonormal"` (default): P's columns and Q's rows orthonormal (QR of a Gaussian draw), so eq. 2 is exactly 0 at
+  step 0 and every direction has unit norm whatever the layer's shape; a new direction is drawn, orthogonalised
+  against the active ones and normalised. Departure from AdaLoRA's Gaussian init (the paper does not specify one):
+  measured in docs/benchmarks.md, it removes the shape-dependent effective learning rate of the Gaussian basis.
+* `"gaussian"`: P, Q ~ N(0, init_scale²) (AdaLoRA's 0.02), new directions at the same scale (the previous default).
 """
 
 from __future__ import annotations
@@ -21,6 +36,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .directions import gaussian_direction, orthogonalize, orthonormal_basis
 
 logger = logging.getLogger(__name__)
 
@@ -47,25 +64,6 @@ def layer_shape(layer: nn.Module) -> tuple[int, int]:
     return int(layer.in_features), int(layer.out_features)  # type: ignore[arg-type]
 
 
-def gaussian_direction(
-    d_out: int, d_in: int, std: float, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one (P column (out,), Q row (in,)) pair ~ N(0, std²) on the CPU (same draw on every device/process)."""
-    p = torch.randn(d_out, generator=generator, dtype=torch.float32) * std  # (out,)
-    q = torch.randn(d_in, generator=generator, dtype=torch.float32) * std  # (in,)
-    return p, q
-
-
-def orthogonalize(v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """Gram-Schmidt `v` (d,) against the columns of `basis` (d, k), then restore `v`'s original norm."""
-    if basis.numel() == 0 or basis.shape[1] >= basis.shape[0]:
-        return v
-    Qb, _ = torch.linalg.qr(basis.double())  # (d, k) orthonormal span of the active directions
-    w = v.double() - Qb @ (Qb.T @ v.double())  # (d,)
-    w = w * (v.norm() / w.norm().clamp_min(1e-30))
-    return w.to(v.dtype)
-
-
 class FlexLoRALayer(nn.Module):
     """A frozen base linear layer plus a FlexLoRA adapter with `capacity` slots, `r` of them active at start.
 
@@ -76,7 +74,8 @@ class FlexLoRALayer(nn.Module):
         lora_alpha (`float`): scaling numerator; `scaling = lora_alpha / r` with the initial `r`, never updated, so
             pruning a zero-λ direction or adding a new one leaves the output unchanged.
         lora_dropout (`float`): dropout on the adapter input.
-        init_scale (`float`): std of the Gaussian P, Q.
+        init_scale (`float`): std of the Gaussian P, Q (`init_basis="gaussian"` only).
+        init_basis (`str`): `"orthonormal"` (unit-norm, mutually orthogonal directions) or `"gaussian"`.
         generator (`torch.Generator`, *optional*): CPU generator for the initial draw.
     """
 
@@ -89,6 +88,7 @@ class FlexLoRALayer(nn.Module):
         lora_alpha: float,
         lora_dropout: float = 0.0,
         init_scale: float = 0.02,
+        init_basis: str = "orthonormal",
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -105,6 +105,9 @@ class FlexLoRALayer(nn.Module):
         self.lora_alpha = lora_alpha
         self.scaling = lora_alpha / r
         self.init_scale = init_scale
+        if init_basis not in ("orthonormal", "gaussian"):
+            raise ValueError(f"FlexLoRALayer: init_basis={init_basis!r} must be 'orthonormal' or 'gaussian'.")
+        self.init_basis = init_basis
         self.fan_in_fan_out = _is_conv1d(base_layer)
         self.lora_dropout: nn.Module = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False
@@ -114,15 +117,20 @@ class FlexLoRALayer(nn.Module):
         self.lora_P = nn.Parameter(torch.zeros(self.out_features, capacity, device=device))  # (out, R)
         self.lora_lam = nn.Parameter(torch.zeros(capacity, device=device))  # (R,)
         self.lora_Q = nn.Parameter(torch.zeros(capacity, self.in_features, device=device))  # (R, in)
-        self.lora_active: torch.Tensor
-        self.register_buffer("lora_active", torch.zeros(capacity, dtype=torch.bool, device=device))  # (R,)
+        self._rank = r
+        self.lora_rank: torch.Tensor
+        self.register_buffer("lora_rank", torch.tensor(r, dtype=torch.long, device=device))  # mirrors `rank`
+        self.slot_birth: dict[int, int] = {}  # slot -> optimizer step it was activated at (young slots only)
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         with torch.no_grad():
-            for j in range(r):
-                p, q = gaussian_direction(self.out_features, self.in_features, init_scale, gen)
-                self.lora_P[:, j] = p.to(device)
-                self.lora_Q[j] = q.to(device)
-            self.lora_active[:r] = True
+            if init_basis == "orthonormal":
+                self.lora_P[:, :r] = orthonormal_basis(self.out_features, r, gen).to(device)  # (out, r)
+                self.lora_Q[:r] = orthonormal_basis(self.in_features, r, gen).T.to(device)  # (r, in)
+            else:
+                for j in range(r):
+                    p, q = gaussian_direction(self.out_features, self.in_features, init_scale, gen)
+                    self.lora_P[:, j] = p.to(device)
+                    self.lora_Q[j] = q.to(device)
 
     def _base_device(self) -> torch.device:
         for t in self.base_layer.parameters():
@@ -136,7 +144,22 @@ class FlexLoRALayer(nn.Module):
 
     @property
     def rank(self) -> int:
-        return int(self.lora_active.sum().item())
+        """Number of active directions: slots [0, rank)."""
+        return self._rank
+
+    def _set_rank(self, r: int) -> None:
+        self._rank = r
+        self.lora_rank.fill_(r)  # a device write, never read back in a step
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "lora_rank" in state_dict:  # a state_dict round trip (accelerate save_state) restores the rank
+            self._rank = int(state_dict[prefix + "lora_rank"])
+
+    @property
+    def lora_active(self) -> torch.Tensor:
+        """Boolean mask of the active slots (R,), derived from `rank` (the active slots are a prefix)."""
+        return torch.arange(self.capacity, device=self.lora_lam.device) < self._rank
 
     @property
     def weight(self) -> torch.Tensor:  # some HF code reads `.weight` of projections (e.g. dtype checks)
@@ -147,89 +170,129 @@ class FlexLoRALayer(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def active_slots(self) -> torch.Tensor:
-        """Indices of active slots, ascending (R_active,)."""
-        return torch.nonzero(self.lora_active, as_tuple=False).flatten()
+        """Indices of active slots, ascending (r,): always 0 .. rank - 1."""
+        return torch.arange(self._rank, device=self.lora_lam.device)
 
     # ------------------------------------------------------------------ forward
     def lam_eff(self) -> torch.Tensor:
-        """λ with inactive slots forced to exactly zero (R,)."""
+        """λ with inactive slots exactly zero (R,) (they are zero anyway; this is the full-capacity view)."""
         return self.lora_lam * self.lora_active.to(self.lora_lam.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.disabled or self.merged:
+        r = self._rank
+        if self.disabled or self.merged or r == 0:
             return result
-        h = self.lora_dropout(x).to(self.lora_Q.dtype)
-        h = F.linear(h, self.lora_Q)  # (..., R)
-        h = h * self.lam_eff()  # (..., R); masked slots give exactly 0 and get 0 gradient
-        delta = F.linear(h, self.lora_P) * self.scaling  # (..., out)
+        h = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(h.device.type):
+            h = h.to(self.lora_Q.dtype)
+        h = F.linear(h, self.lora_Q[:r])  # (..., r)
+        h = h * (self.lora_lam[:r] * self.scaling)  # (..., r): the scaling folded into the (r,) vector
+        delta = F.linear(h, self.lora_P[:, :r])  # (..., out)
         return result + delta.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling · P diag(λ) Q in the base layer's (out, in) orientation (float32)."""
-        P = self.lora_P.detach().float()  # (out, R)
-        lam = self.lam_eff().detach().float()  # (R,)
-        Q = self.lora_Q.detach().float()  # (R, in)
-        return (P * lam) @ Q * self.scaling  # (out, in)
+        r = self._rank
+        P = self.lora_P.detach()[:, :r].float()  # (out, r)
+        lam = self.lora_lam.detach()[:r].float()  # (r,)
+        Q = self.lora_Q.detach()[:r].float()  # (r, in)
+        return (P * (lam * self.scaling)) @ Q  # (out, in)
 
     # ------------------------------------------------------------------ regulariser
     def orth_reg(self) -> torch.Tensor:
         """Eq. 2 over the active directions: ||PᵀP - I||_F² + ||QQᵀ - I||_F² (squared, as printed in the paper).
 
-        Inactive columns/rows are zero, and the identity is masked to the active diagonal, so this equals the value
-        computed on the compacted (out, r) / (r, in) matrices.
+        Computed on the active prefix only (views; the (r, r) Gram matrices are all that backward keeps).
         """
-        m = self.lora_active.to(self.lora_P.dtype)  # (R,)
-        P = self.lora_P * m  # (out, R)
-        Q = self.lora_Q * m[:, None]  # (R, in)
-        eye = torch.diag(m)  # (R, R)
+        r = self._rank
+        P = self.lora_P[:, :r]  # (out, r)
+        Q = self.lora_Q[:r]  # (r, in)
+        eye = torch.eye(r, device=P.device, dtype=P.dtype)  # (r, r)
         return ((P.T @ P - eye) ** 2).sum() + ((Q @ Q.T - eye) ** 2).sum()
 
     # ------------------------------------------------------------------ rank surgery
     @torch.no_grad()
-    def prune_smallest(self) -> int:
-        """Deactivate the active direction with the smallest |λ| (ties: lowest slot) and zero it. Returns the slot.
+    def _move(self, src: int, dst: int) -> None:
+        """Move slot `src` into `dst` and zero `src` (tensors and birth record; optimizer state: the caller)."""
+        self.lora_P[:, dst] = self.lora_P[:, src]
+        self.lora_lam[dst] = self.lora_lam[src]
+        self.lora_Q[dst] = self.lora_Q[src]
+        self._zero(src)
+        if src in self.slot_birth:
+            self.slot_birth[dst] = self.slot_birth.pop(src)
 
-        The authors' code removes argmin of the *signed* λ, which can drop the largest-magnitude negative direction.
-        """
-        slots = self.active_slots()
-        if slots.numel() == 0:
-            raise RuntimeError("prune_smallest: no active direction left to prune.")
-        mags = self.lora_lam.detach()[slots].abs()
-        slot = int(slots[int(torch.argmin(mags).item())].item())
+    @torch.no_grad()
+    def _zero(self, slot: int) -> None:
         self.lora_P[:, slot] = 0
         self.lora_lam[slot] = 0
         self.lora_Q[slot] = 0
-        self.lora_active[slot] = False
-        return slot
+        self.slot_birth.pop(slot, None)
 
     @torch.no_grad()
-    def expand(self, generator: torch.Generator, *, init: str = "zero_impact", small_value: float = 1e-3) -> int:
-        """Activate the first free slot as a new direction. Returns the slot.
+    def prune_smallest(self) -> tuple[int, int | None]:
+        """Remove the active direction with the smallest |λ| (ties: lowest slot); keep the active slots a prefix.
 
-        Inits (Table 6): `zero_impact` (λ = 0, Gaussian P column and Q row at `init_scale`), `small` (λ =
-        `small_value`, Gaussian vectors Gram-Schmidt-orthogonalised against the active ones), `orthogonal` (λ = 0,
-        orthogonalised vectors), `zero` (everything 0: in exact arithmetic such a direction never receives gradient,
-        which is what that ablation measures; the paper's "until gradients accumulate" does not happen).
+        The last active direction moves into the hole (unless it is the one removed), and the freed last slot is
+        zeroed. The authors' code removes argmin of the *signed* λ, which can drop the largest negative direction.
+
+        Returns:
+            `(slot, moved_from)`: the slot whose direction was removed, and the slot whose direction now occupies it
+            (`None` when the removed direction was the last one). The optimizer state must move the same way.
         """
-        free = torch.nonzero(~self.lora_active, as_tuple=False).flatten()
-        if free.numel() == 0:
+        r = self._rank
+        if r == 0:
+            raise RuntimeError("prune_smallest: no active direction left to prune.")
+        slot = int(torch.argmin(self.lora_lam.detach()[:r].abs()).item())
+        last = r - 1
+        self._zero(slot)
+        moved_from = None
+        if slot != last:
+            self._move(last, slot)
+            moved_from = last
+        self._set_rank(r - 1)
+        return slot, moved_from
+
+    @torch.no_grad()
+    def expand(
+        self,
+        generator: torch.Generator,
+        *,
+        init: str = "zero_impact",
+        small_value: float = 1e-3,
+        step: int | None = None,
+    ) -> int:
+        """Activate slot `rank` as a new direction. Returns the slot.
+
+        Inits (Table 6): `zero_impact` (λ = 0, a random P column and Q row), `small` (λ = `small_value`, vectors
+        Gram-Schmidt-orthogonalised against the active ones), `orthogonal` (λ = 0, orthogonalised vectors), `zero`
+        (everything 0: in exact arithmetic such a direction never receives gradient, which is what that ablation
+        measures; the paper's "until gradients accumulate" does not happen). With the orthonormal basis every new
+        vector is orthogonalised against the active ones and has unit norm (so `zero_impact` and `orthogonal`
+        coincide); with the Gaussian basis vectors are drawn at `init_scale`. `step` (the event's optimizer step)
+        is recorded as the slot's birth for the per-direction Adam correction (`slot_age.py`).
+        """
+        r = self._rank
+        if r >= self.capacity:
             raise RuntimeError(f"expand: module is at its capacity of {self.capacity} directions.")
-        slot = int(free[0].item())
-        p, q = gaussian_direction(self.out_features, self.in_features, self.init_scale, generator)
-        if init in ("small", "orthogonal"):
-            slots = self.active_slots()
-            p = orthogonalize(p, self.lora_P.detach()[:, slots].float().cpu())
-            q = orthogonalize(q, self.lora_Q.detach()[slots].float().cpu().T)
-        elif init == "zero":
-            p, q = torch.zeros_like(p), torch.zeros_like(q)
-        elif init != "zero_impact":
+        if init not in ("zero_impact", "small", "orthogonal", "zero"):
             raise ValueError(f"Unknown expansion_init {init!r}.")
-        self.lora_P[:, slot] = p.to(self.lora_P.device, self.lora_P.dtype)
-        self.lora_Q[slot] = q.to(self.lora_Q.device, self.lora_Q.dtype)
-        self.lora_lam[slot] = small_value if init == "small" else 0.0
-        self.lora_active[slot] = True
-        return slot
+        orthonormal = self.init_basis == "orthonormal"
+        p, q = gaussian_direction(self.out_features, self.in_features, self.init_scale, generator)
+        if init in ("small", "orthogonal") or orthonormal:
+            p = orthogonalize(p, self.lora_P.detach()[:, :r].float().cpu())
+            q = orthogonalize(q, self.lora_Q.detach()[:r].float().cpu().T)
+        if orthonormal:
+            p, q = p / p.norm().clamp_min(1e-30), q / q.norm().clamp_min(1e-30)
+        if init == "zero":
+            p, q = torch.zeros_like(p), torch.zeros_like(q)
+        self.lora_P[:, r] = p.to(self.lora_P.device, self.lora_P.dtype)
+        self.lora_Q[r] = q.to(self.lora_Q.device, self.lora_Q.dtype)
+        self.lora_lam[r] = small_value if init == "small" else 0.0
+        if step is not None:
+            self.slot_birth[r] = int(step)
+        self._set_rank(r + 1)
+        return r
 
     @torch.no_grad()
     def grow_capacity(self, capacity: int) -> None:
@@ -237,55 +300,51 @@ class FlexLoRALayer(nn.Module):
         extra = capacity - self.capacity
         if extra <= 0:
             return
-        dev = self.lora_P.device
-        self.lora_P = nn.Parameter(torch.cat([self.lora_P, self.lora_P.new_zeros(self.out_features, extra)], 1))
-        self.lora_lam = nn.Parameter(torch.cat([self.lora_lam, self.lora_lam.new_zeros(extra)]))
-        self.lora_Q = nn.Parameter(torch.cat([self.lora_Q, self.lora_Q.new_zeros(extra, self.in_features)], 0))
-        self.lora_active = torch.cat([self.lora_active, torch.zeros(extra, dtype=torch.bool, device=dev)])
+        grad = self.lora_P.requires_grad
+        self.lora_P = nn.Parameter(torch.cat([self.lora_P, self.lora_P.new_zeros(self.out_features, extra)], 1), grad)
+        self.lora_lam = nn.Parameter(torch.cat([self.lora_lam, self.lora_lam.new_zeros(extra)]), grad)
+        self.lora_Q = nn.Parameter(torch.cat([self.lora_Q, self.lora_Q.new_zeros(extra, self.in_features)], 0), grad)
 
     @torch.no_grad()
     def set_capacity(self, capacity: int) -> None:
         """Give the layer exactly `capacity` empty slots (the caller restores contents right after, e.g.
-        `load_compact`). Shrinking exists for resume: `optimizer.pt` holds moments of the checkpoint's shapes."""
-        if capacity > self.capacity:
-            self.grow_capacity(capacity)
-        elif capacity < self.capacity:
-            grad = self.lora_P.requires_grad
-            self.lora_P = nn.Parameter(self.lora_P.new_zeros(self.out_features, capacity), requires_grad=grad)
-            self.lora_lam = nn.Parameter(self.lora_lam.new_zeros(capacity), requires_grad=grad)
-            self.lora_Q = nn.Parameter(self.lora_Q.new_zeros(capacity, self.in_features), requires_grad=grad)
-            self.lora_active = torch.zeros(capacity, dtype=torch.bool, device=self.lora_active.device)
+        `load_compact`). Shrinking exists for resume (`optimizer.pt` holds moments of the checkpoint's shapes) and
+        for inference loads (exactly the active directions)."""
+        grad = self.lora_P.requires_grad
+        self.lora_P = nn.Parameter(self.lora_P.new_zeros(self.out_features, capacity), requires_grad=grad)
+        self.lora_lam = nn.Parameter(self.lora_lam.new_zeros(capacity), requires_grad=grad)
+        self.lora_Q = nn.Parameter(self.lora_Q.new_zeros(capacity, self.in_features), requires_grad=grad)
+        self._set_rank(0)
+        self.slot_birth = {}
 
     # ------------------------------------------------------------------ compact form (save / export)
     def compact(self) -> dict[str, torch.Tensor]:
-        """Active directions only: `P` (out, r), `lam` (r,), `Q` (r, in) and their `slots` (r,) for exact resume."""
-        slots = self.active_slots()
+        """Active directions only: `P` (out, r), `lam` (r,), `Q` (r, in) and their `slots` (r,) (always 0 .. r-1)."""
+        r = self._rank
         return {
-            "P": self.lora_P.detach()[:, slots].contiguous(),
-            "lam": self.lora_lam.detach()[slots].contiguous(),
-            "Q": self.lora_Q.detach()[slots].contiguous(),
-            "slots": slots.to(torch.int64).cpu(),
+            "P": self.lora_P.detach()[:, :r].contiguous(),
+            "lam": self.lora_lam.detach()[:r].contiguous(),
+            "Q": self.lora_Q.detach()[:r].contiguous(),
+            "slots": torch.arange(r, dtype=torch.int64),
         }
 
     @torch.no_grad()
     def load_compact(self, P: torch.Tensor, lam: torch.Tensor, Q: torch.Tensor, slots: torch.Tensor | None) -> None:
-        """Inverse of `compact`; grows capacity if the saved slots need it. Shapes are checked by the caller."""
+        """Inverse of `compact`: the directions become the active prefix, in the order of their saved `slots`
+        (folders written before the prefix layout may hold gaps; their directions are packed in slot order).
+        Shapes and capacity are checked by the caller."""
         r = int(lam.shape[0])
-        if slots is None:
-            slots = torch.arange(r)
-        slots = slots.to(torch.int64).cpu()
-        need = int(slots.max().item()) + 1 if r > 0 else 0
-        if need > self.capacity:
-            self.grow_capacity(need)
+        if r > self.capacity:
+            self.grow_capacity(r)
+        order = torch.argsort(slots.to(torch.int64).cpu()) if slots is not None and r else torch.arange(r)
         self.lora_P.zero_()
         self.lora_lam.zero_()
         self.lora_Q.zero_()
-        self.lora_active.zero_()
-        idx = slots.to(self.lora_P.device)
-        self.lora_P[:, idx] = P.to(self.lora_P.device, self.lora_P.dtype)
-        self.lora_lam[idx] = lam.to(self.lora_lam.device, self.lora_lam.dtype)
-        self.lora_Q[idx] = Q.to(self.lora_Q.device, self.lora_Q.dtype)
-        self.lora_active[idx] = True
+        self.lora_P[:, :r] = P[:, order].to(self.lora_P.device, self.lora_P.dtype)
+        self.lora_lam[:r] = lam[order].to(self.lora_lam.device, self.lora_lam.dtype)
+        self.lora_Q[:r] = Q[order].to(self.lora_Q.device, self.lora_Q.dtype)
+        self._set_rank(r)
+        self.slot_birth = {}
 
     # ------------------------------------------------------------------ merging
     def check_mergeable(self) -> None:
@@ -329,7 +388,7 @@ class FlexLoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"in={self.in_features}, out={self.out_features}, rank={self.rank}/{self.capacity}, "
+            f"in={self.in_features}, out={self.out_features}, rank={self._rank}/{self.capacity}, "
             f"scaling={self.scaling:.4g}"
         )
 

@@ -26,7 +26,9 @@ from .config import FlexLoRAConfig
 from .events import update_and_allocate
 from .importance import importance_batched
 from .layer import FlexLoRALayer, layer_shape
+from .optim_surgery import move_slots, reset_slots
 from .quantization import guard_bnb_cpu
+from .slot_age import SlotAgeCorrection
 from .targets import default_modules_to_save, find_target_modules, matches, resolve_capacity, set_module
 
 logger = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class FlexLoRAModel(nn.Module):
                 lora_alpha=config.lora_alpha,
                 lora_dropout=config.lora_dropout,
                 init_scale=config.init_scale,
+                init_basis=config.init_basis,
                 generator=gen,
             )
             set_module(model, name, layer)
@@ -110,11 +113,7 @@ class FlexLoRAModel(nn.Module):
 
     def rank_map(self) -> dict[str, int]:
         """Module path -> active rank."""
-        layers = list(self.flexlora_layers())
-        if not layers:
-            return {}
-        counts = torch.stack([layer.lora_active.sum() for _, layer in layers]).tolist()  # one host sync
-        return {name: int(c) for (name, _), c in zip(layers, counts, strict=True)}
+        return {name: layer.rank for name, layer in self.flexlora_layers()}  # host integers: no device sync
 
     def total_rank(self) -> int:
         return sum(self.rank_map().values())
@@ -128,9 +127,13 @@ class FlexLoRAModel(nn.Module):
         layers = list(self.flexlora_layers())
         if not layers:
             return {}
+        # The small (R,) vectors go to one device first: a model placed across devices (device_map) has layers on
+        # several, and torch.stack refuses to mix them.
+        dev = layers[0][1].lora_lam.device
         R = max(layer.capacity for _, layer in layers)
-        lam = torch.stack([nn.functional.pad(layer.lora_lam.detach(), (0, R - layer.capacity)) for _, layer in layers])
-        mask = torch.stack([nn.functional.pad(layer.lora_active, (0, R - layer.capacity)) for _, layer in layers])
+        lam = torch.stack([nn.functional.pad(la.lora_lam.detach().to(dev), (0, R - la.capacity)) for _, la in layers])
+        ranks = torch.tensor([la.rank for _, la in layers], device=dev)  # (M,)
+        mask = torch.arange(R, device=dev)[None, :] < ranks[:, None]  # (M, R): active prefixes
         cfg = self.flexlora_config
         scores = importance_batched(lam, mask, metric=metric or cfg.importance, eps=cfg.entropy_eps)  # (M,)
         values = scores.tolist()  # one host sync for all modules
@@ -139,7 +142,8 @@ class FlexLoRAModel(nn.Module):
     def orth_reg(self) -> torch.Tensor:
         """Eq. 2 averaged over adapted matrices (mean, so γ does not scale with the number of modules)."""
         terms = [layer.orth_reg() for _, layer in self.flexlora_layers()]
-        return torch.stack(terms).mean()
+        dev = terms[0].device
+        return torch.stack([t.to(dev) for t in terms]).mean()  # per-layer scalars may sit on several devices
 
     def trainable_parameter_counts(self) -> tuple[int, int, int]:
         """(active adapter + modules_to_save params, allocated trainable params, all params)."""
@@ -195,21 +199,32 @@ class FlexLoRAModel(nn.Module):
             step (`int`): the optimizer step of this event; seeds the draw of new directions with `config.seed`.
 
         Returns:
-            `dict` module path -> slots touched (pruned or activated).
+            `dict` module path -> slots touched (pruned, moved or activated).
         """
         cfg = self.flexlora_config
         gen = expansion_generator(cfg.seed, step)
         touched: dict[str, list[int]] = {}
+        resets: dict[str, list[int]] = {}  # slots whose optimizer state starts at zero
+        moves: list[tuple[FlexLoRALayer, int, int]] = []  # (layer, src, dst): state follows a moved direction
         layers = dict(self.flexlora_layers())
         for name in plan.prune:
-            touched.setdefault(name, []).append(layers[name].prune_smallest())
-        for name in plan.expand:  # fixed order -> the same draws on every process
-            slot = layers[name].expand(gen, init=cfg.expansion_init, small_value=cfg.small_init_value)
+            slot, moved_from = layers[name].prune_smallest()
             touched.setdefault(name, []).append(slot)
+            if moved_from is None:
+                resets.setdefault(name, []).append(slot)
+            else:  # the last active direction now fills the hole; its old slot is free (and zeroed by the move)
+                moves.append((layers[name], moved_from, slot))
+                touched[name].append(moved_from)
+        for name in plan.expand:  # fixed order -> the same draws on every process
+            birth = step if cfg.adam_reset == "slot_age" else None  # young slots get their own Adam bias correction
+            slot = layers[name].expand(gen, init=cfg.expansion_init, small_value=cfg.small_init_value, step=birth)
+            touched.setdefault(name, []).append(slot)
+            resets.setdefault(name, []).append(slot)
         if optimizer is not None and touched:
-            from .optim_surgery import reset_slots
-
-            reset_slots(optimizer, [(layers[n], slots) for n, slots in touched.items()])
+            move_slots(optimizer, moves)
+            reset_slots(optimizer, [(layers[n], slots) for n, slots in resets.items()])
+            if cfg.adam_reset == "slot_age":
+                SlotAgeCorrection.attach(optimizer, step, layers.values())
         return touched
 
     # ------------------------------------------------------------------ adapters on/off
@@ -234,6 +249,13 @@ class FlexLoRAModel(nn.Module):
             when no event is scheduled at `global_step`.
         """
         return update_and_allocate(self, global_step, optimizer)
+
+    def to_lora_config(self, *, alpha_policy: str = "constant_scale", **kwargs: Any) -> Any:
+        """A `peft.LoraConfig` with this model's rank allocation, to train a plain LoRA with FlexLoRA's ranks;
+        see `flexlora_hf.transfer.to_lora_config` (`alpha_policy="constant_scale"` keeps the scale lora_alpha / r)."""
+        from .transfer import to_lora_config
+
+        return to_lora_config(self, alpha_policy=alpha_policy, **kwargs)
 
     # ------------------------------------------------------------------ persistence (io/, hub.py)
     def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .constants import HEATMAP_NAME, RANK_HISTORY_NAME, __version__
-from .io.peft_view import base_model_name_or_path, infer_task_type
+from .io.peft_view import base_model_name_or_path, infer_task_type, is_local_path
 from .plotting import depth_order, short_module_types, split_module_path
 
 if TYPE_CHECKING:
@@ -223,7 +223,8 @@ def build_model_card(
     Args:
         model (`FlexLoRAModel`): the adapted model.
         base_model (`str`, *optional*): Hub id of the base model; defaults to the base config's `_name_or_path`
-            when that looks like a Hub id (a local path is not put in the metadata).
+            when that looks like a Hub id. A local path is not put in the metadata; the card then says that the base
+            model came from a local folder and how to name it (`push_to_hub(..., base_model=...)`).
         datasets (`str` or `list[str]`, *optional*): Hub ids of the training datasets.
         metrics (`str` or `list[str]`, *optional*): metric ids (e.g. `"accuracy"`).
         eval_results (`dict` or `list[EvalResult]`, *optional*): a `{metric: value}` mapping (shown as a table) or
@@ -238,10 +239,13 @@ def build_model_card(
         `huggingface_hub.ModelCard`
     """
     base = model.get_base_model()
+    local_base: str | None = None
     if base_model is None:
         name = base_model_name_or_path(base)
         if name and _REPO_ID_RE.match(name) and not os.path.exists(name):
             base_model = name
+        elif name and is_local_path(name):
+            local_base = name
     task_type = infer_task_type(base)
     pipeline_tag = pipeline_tag or _PIPELINE_TAGS.get(task_type or "")
     tags = ["flexlora", "lora", "peft"]
@@ -286,4 +290,19 @@ def build_model_card(
         eval_table=_eval_table(eval_results) if eval_results else "",
         versions=_versions(),
     )
+    if local_base is not None:
+        _add_local_base_note(card, local_base)
     return card
+
+
+def _add_local_base_note(card: ModelCard, path: str) -> None:
+    """Say, under the card's first paragraph, that the base model came from a local folder (a reader cannot load
+    it from the path) and how the author names its Hub id."""
+    note = (
+        f"> **Base model:** loaded from a local folder (`{path}`), so this card cannot name it. "
+        "Pass `base_model=\"<hub id of the base model>\"` when pushing (`push_to_hub(..., base_model=...)`) to "
+        "fill the card's `base_model` and `base_model_name_or_path` in `adapter_config.json`.\n"
+    )
+    text = card.text
+    anchor = text.find("\n\n", text.find("This is an **entropy-guided FlexLoRA** adapter"))
+    card.text = text[: anchor + 2] + note + text[anchor + 1 :] if anchor >= 0 else note + "\n" + text

@@ -1,4 +1,4 @@
-"""In-place optimizer state surgery for a reallocation event.
+"""The optimizer side of FlexLoRA: λ's param group, and in-place state surgery for a reallocation event.
 
 Owns the one thing the authors' code gets most wrong: it rebuilt the optimizer from a state dict keyed by the wrong
 ids, losing every AdamW moment, collapsing the weight-decay groups and leaving the LR scheduler on a dead optimizer.
@@ -7,12 +7,14 @@ masking), and only the state *slices* of slots that were pruned or newly activat
 other moment is bit-identical before and after an event.
 
 What a reset slice does to Adam's bias correction: torch's AdamW (and bitsandbytes' 32-bit optimizers) keep one step
-counter per parameter *tensor*, not per slice, and we leave it alone. A reset slice therefore starts with m = v = 0
-but with the tensor's large step count, i.e. without bias correction: its first update has magnitude about
-(1-β1)/sqrt(1-β2) ≈ 3.2 (default betas) times lr, instead of 1 x lr, relaxing to the usual size as v fills
-(~1/(1-β2) steps). For zero-impact directions only λ has a gradient at first (∂L/∂P and ∂L/∂Q are proportional to λ
-= 0), so the effect is a brisk start of the new λ. The alternative, resetting the shared step counter, would disturb
-every other slice of the tensor; the authors' full state loss is strictly worse.
+counter per parameter *tensor*, not per slice, and we leave it alone (resetting it would disturb every other slice).
+A reset slice therefore starts with m = v = 0 but with the tensor's large step count, i.e. without bias correction:
+its updates are up to ~3-7x lr for hundreds of steps. `adam_reset="slot_age"` (default) corrects each new direction
+by its own age (`slot_age.py`); `"shared_step"` leaves it (the previous behaviour).
+
+λ's param group: `lam_lr_ratio` gives λ its own learning rate (and never weight decay), as LoRA+ gives B its own:
+[`split_lambda_group`] does it to an optimizer the Trainer built, [`param_groups`] builds the groups for a custom
+loop.
 
 Supported: torch AdamW/Adam (single-tensor, foreach and fused), SGD with momentum, and any optimizer whose per-param
 state tensors have the parameter's shape and a float dtype (bitsandbytes 32-bit and paged 32-bit AdamW). Refused with
@@ -26,8 +28,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
 from .layer import FlexLoRALayer
+
+LAMBDA_PARAM = "lora_lam"
 
 
 class UnsupportedOptimizerError(ValueError):
@@ -43,7 +48,43 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _slot_views(layer: FlexLoRALayer, slots: list[int]) -> list[tuple[torch.nn.Parameter, int]]:
+def lambda_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable λ vectors of every adapted matrix, in model order."""
+    return [p for n, p in model.named_parameters() if p.requires_grad and n.rsplit(".", 1)[-1] == LAMBDA_PARAM]
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, lam_lr_ratio: float = 1.0) -> list[dict]:
+    """Optimizer param groups for a custom loop: decayed weights, undecayed biases / norms, and λ (no decay, at
+    `lr * lam_lr_ratio`). Same rules as `FlexLoRATrainer` (the Trainer's own decay rules plus λ's group)."""
+    lam = {id(p) for p in lambda_parameters(model)}
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in lam:
+            (no_decay if name.endswith("bias") or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr}, {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+    groups.append({"params": lambda_parameters(model), "weight_decay": 0.0, "lr": lr * lam_lr_ratio})
+    return [g for g in groups if g["params"]]
+
+
+def split_lambda_group(optimizer: Any, model: nn.Module, lr: float) -> None:
+    """Move every λ out of its param group into a new group at learning rate `lr`, without weight decay.
+
+    Call it right after the optimizer is built, before the LR scheduler exists (schedulers record each group's
+    initial rate, so the ratio to the other groups is kept along the schedule). The group layout is the same on
+    every run, so `optimizer.pt` resumes.
+    """
+    opt = unwrap_optimizer(optimizer)
+    lam = lambda_parameters(model)
+    ids = {id(p) for p in lam}
+    if not lam or any(opt.state.get(p) for p in lam):
+        raise RuntimeError("split_lambda_group: call it on a fresh optimizer (before any step) that holds λ.")
+    for group in opt.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    opt.add_param_group({"params": lam, "lr": lr, "weight_decay": 0.0})
+
+
+def _slot_views(layer: FlexLoRALayer) -> list[tuple[torch.nn.Parameter, int]]:
     # (parameter, slot dimension): P (out, R) -> dim 1; lam (R,) and Q (R, in) -> dim 0.
     return [(layer.lora_P, 1), (layer.lora_lam, 0), (layer.lora_Q, 0)]
 
@@ -71,13 +112,33 @@ def _group_flag(opt: torch.optim.Optimizer, key: str) -> Any:
     return None
 
 
+def _slot_states(opt: torch.optim.Optimizer, layer: FlexLoRALayer) -> list[tuple[torch.Tensor, int, str]]:
+    """(state tensor, slot dimension, key) for every per-element optimizer state of the layer's P, λ and Q."""
+    out = []
+    for param, dim in _slot_views(layer):
+        state = opt.state.get(param)
+        if not state:
+            continue  # no step taken yet for this tensor: nothing to reset
+        for key, value in state.items():
+            if not torch.is_tensor(value) or value.dim() == 0:
+                continue  # step counters and scalars are per tensor; see the module docstring
+            if value.shape != param.shape or not value.is_floating_point():
+                raise UnsupportedOptimizerError(
+                    f"Optimizer state {key!r} of {type(opt).__name__} has shape {tuple(value.shape)} and dtype "
+                    f"{value.dtype} for a parameter of shape {tuple(param.shape)}: FlexLoRA cannot reset it per "
+                    "direction. Use optim='adamw_torch'."
+                )
+            out.append((value, dim, key))
+    return out
+
+
 @torch.no_grad()
 def reset_slots(optimizer: Any, touched: Iterable[tuple[FlexLoRALayer, list[int]]]) -> int:
     """Zero, in place, the optimizer state of the given slots of each layer. Returns the number of slices reset.
 
     Args:
         optimizer: a torch optimizer or a wrapper exposing `.optimizer`.
-        touched: `(layer, slots)` pairs from `FlexLoRAModel.apply_plan`.
+        touched: `(layer, slots)` pairs.
 
     Raises:
         UnsupportedOptimizerError: a state tensor is quantised or not shaped like its parameter.
@@ -86,19 +147,21 @@ def reset_slots(optimizer: Any, touched: Iterable[tuple[FlexLoRALayer, list[int]
     n = 0
     for layer, slots in touched:
         idx = torch.as_tensor(sorted(set(slots)), dtype=torch.long)
-        for param, dim in _slot_views(layer, slots):
-            state = opt.state.get(param)
-            if not state:
-                continue  # no step taken yet for this tensor: nothing to reset
-            for key, value in state.items():
-                if not torch.is_tensor(value) or value.dim() == 0:
-                    continue  # step counters and scalars are per tensor; see the module docstring
-                if value.shape != param.shape or not value.is_floating_point():
-                    raise UnsupportedOptimizerError(
-                        f"Optimizer state {key!r} of {type(opt).__name__} has shape {tuple(value.shape)} and dtype "
-                        f"{value.dtype} for a parameter of shape {tuple(param.shape)}: FlexLoRA cannot reset it per "
-                        "direction. Use optim='adamw_torch'."
-                    )
-                value.index_fill_(dim, idx.to(value.device), 0.0)
-                n += 1
+        for value, dim, _ in _slot_states(opt, layer):
+            value.index_fill_(dim, idx.to(value.device), 0.0)
+            n += 1
     return n
+
+
+@torch.no_grad()
+def move_slots(optimizer: Any, moves: Iterable[tuple[FlexLoRALayer, int, int]]) -> None:
+    """Move the optimizer state of slot `src` to `dst` and zero `src`, for each `(layer, src, dst)`.
+
+    The state follows its direction when pruning packs the active slots into a prefix (`FlexLoRALayer.prune_smallest`),
+    so a moved direction keeps its moments exactly.
+    """
+    opt = unwrap_optimizer(optimizer)
+    for layer, src, dst in moves:
+        for value, dim, _ in _slot_states(opt, layer):
+            value.select(dim, dst).copy_(value.select(dim, src))
+            value.select(dim, src).zero_()

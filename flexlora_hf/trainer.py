@@ -31,7 +31,8 @@ from .constants import CONFIG_NAME
 from .events import event_logs, update_and_allocate, validate_schedule
 from .io.history import write_rank_history
 from .model import FlexLoRAModel, get_flexlora_model
-from .optim_surgery import check_optimizer_supported
+from .optim_surgery import check_optimizer_supported, split_lambda_group
+from .slot_age import SlotAgeCorrection
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,12 @@ class FlexLoRACallback(TrainerCallback):
                 "model.finalize_capacity(max_steps) before creating the Trainer."
             )
         validate_schedule(cfg, n_modules=len(fm.module_names))
-        if kwargs.get("optimizer") is not None:
-            check_optimizer_supported(kwargs["optimizer"])
+        optimizer = kwargs.get("optimizer")
+        if optimizer is not None:
+            check_optimizer_supported(optimizer)
+            if cfg.adam_reset == "slot_age" and any(layer.slot_birth for _, layer in fm.flexlora_layers()):
+                # resumed with young directions (their births were saved with the checkpoint)
+                SlotAgeCorrection.attach(optimizer, state.global_step, [layer for _, layer in fm.flexlora_layers()])
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         record = update_and_allocate(unwrap_flexlora(kwargs["model"]), state.global_step, kwargs.get("optimizer"))
@@ -148,7 +153,12 @@ class FlexLoRATrainerMixin:
         fm = self.flexlora_model
         if not fm.capacity_final or fm.flexlora_config.total_steps is None:
             fm.finalize_capacity(self.state.max_steps)  # type: ignore[attr-defined]
-        return super().create_optimizer(model)  # type: ignore[misc]
+        fresh = getattr(self, "optimizer", None) is None
+        optimizer = super().create_optimizer(model)  # type: ignore[misc]
+        ratio = fm.flexlora_config.lam_lr_ratio
+        if fresh and ratio != 1.0:  # before the scheduler exists, so the schedule keeps the ratio
+            split_lambda_group(optimizer, fm, self.args.learning_rate * ratio)  # type: ignore[attr-defined]
+        return optimizer
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         names = super().get_decay_parameter_names(model)  # type: ignore[misc]

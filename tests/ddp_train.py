@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from trainer_utils import lm_dataset, tiny_llama, training_args  # noqa: E402
+from helpers import lm_dataset, trainer_llama, training_args  # noqa: E402
 
 from flexlora_hf import FlexLoRAConfig, FlexLoRATrainer  # noqa: E402
 
@@ -21,7 +21,7 @@ def main(out_dir: str) -> None:
     args = training_args(
         os.path.join(out_dir, "run"), per_device_train_batch_size=4, max_steps=10, ddp_backend="gloo"
     )
-    trainer = FlexLoRATrainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(), flexlora_config=cfg)
+    trainer = FlexLoRATrainer(model=trainer_llama(), args=args, train_dataset=lm_dataset(), flexlora_config=cfg)
     trainer.train()
     fm = trainer.flexlora_model
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1

@@ -42,7 +42,12 @@ What it covers (the requests `huggingface_hub` 2.4 sends for these calls, checke
 * `create_commit` / `upload_file` / `upload_folder`: POST .../preupload/{rev} answers "regular" for every file (never
   LFS) with the remote blob oid, so unchanged files are skipped client-side; POST .../commit/{rev} applies the NDJSON
   `header`, `file` (base64), `deletedFile` and `deletedFolder` operations, honours `parentCommit` (412 on mismatch)
-  and `create_pr=1` (opens `refs/pr/N`, returns `pullRequestUrl`).
+  and `create_pr=1` (opens `refs/pr/N`, returns `pullRequestUrl`). Every write and read takes the revision from the
+  URL, so commits to a branch leave `main` alone and downloads at a branch see that branch's files.
+* branches: `create_branch` (POST .../branch/{name}, optional `startingPoint` revision, default the head of `main`;
+  409 when it exists so `exist_ok` works; 400 for a `refs/...` name or one that looks like a commit id) and
+  `delete_branch` (DELETE .../branch/{name}; 403 for `main`, 404 when missing). Branch names may contain `/`
+  (the client sends them as one `%2F`-quoted segment).
 * downloads: GET and HEAD /[datasets/]{repo_id}/resolve/{rev}/{path} with `ETag` (git blob sha1), `X-Repo-Commit`,
   `Content-Length`, `Accept-Ranges` and single-range `Range` requests (206), 404 `EntryNotFound`/`RevisionNotFound`/
   `RepoNotFound` the way the client expects. This is what `hf_hub_download`, `snapshot_download`, `file_exists`,
@@ -53,8 +58,7 @@ Known differences from the Hub: a write to another namespace is a 403 even when 
 not exist (the Hub may answer 404 there); preupload never asks for LFS, whatever the file size.
 
 What it does not cover: Xet and LFS transfers (the client must run with Xet disabled, which `local_hub` arranges),
-Spaces, organizations, gated repos, tags, branches other than `main` and `refs/pr/N` (no `create_branch`),
-discussions, pagination (every listing is one page), canonical repo ids without a namespace (`gpt2`), the
+Spaces, organizations, gated repos, tags, discussions, pagination (every listing is one page), canonical repo ids without a namespace (`gpt2`), the
 `/api/models` search listing, and everything else (inference, jobs, buckets, ...). Any route it does not know gets a
 404 `{"error": "LocalHub: no route for ..."}`, is logged at WARNING level and recorded in `LocalHub.unknown_routes`.
 The request log (`LocalHub.requests`, and DEBUG logging) holds method, path and status only, never headers, so
@@ -477,6 +481,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._preupload(repo_type, repo_id, tail[1])
         if method == "POST" and len(tail) == 2 and tail[0] == "commit":
             return self._commit(repo_type, repo_id, tail[1])
+        if method == "POST" and len(tail) == 2 and tail[0] == "branch":
+            return self._create_branch(repo_type, repo_id, tail[1])
+        if method == "DELETE" and len(tail) == 2 and tail[0] == "branch":
+            return self._delete_branch(repo_type, repo_id, tail[1])
         return None
 
     # -- account / repo management ---------------------------------------------------------------------------------
@@ -710,6 +718,27 @@ class _Handler(BaseHTTPRequestHandler):
                 }
             )
         return _json_response({"files": answer, "commitOid": head.oid})
+
+    def _create_branch(self, repo_type: str, repo_id: str, branch: str) -> _Response:
+        hub = self.server.hub
+        repo = self._writable_repo(repo_type, repo_id)
+        if not branch or branch.startswith("refs/") or re.fullmatch(r"[0-9a-f]{40}", branch):
+            raise HubError(400, f"Invalid reference for a branch: {branch}")
+        _check_path(branch)  # no empty, "." or ".." component, as for git ref names
+        if branch in repo.branches:
+            raise HubError(409, f"Reference already exists: refs/heads/{branch}")
+        starting_point = str(self._json_body().get("startingPoint") or "main")
+        repo.branches[branch] = hub._resolve(repo, starting_point)  # 404 RevisionNotFound for an unknown start
+        return _json_response({})
+
+    def _delete_branch(self, repo_type: str, repo_id: str, branch: str) -> _Response:
+        repo = self._writable_repo(repo_type, repo_id)
+        if branch == "main":
+            raise HubError(403, "Cannot delete the default branch main")
+        if branch not in repo.branches or branch.startswith("refs/pr/"):
+            raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+        del repo.branches[branch]
+        return _json_response({})
 
     def _commit(self, repo_type: str, repo_id: str, revision: str) -> _Response:
         hub = self.server.hub

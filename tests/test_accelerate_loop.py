@@ -10,7 +10,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from helpers import trainer_llama
+from transformers import LlamaForCausalLM, TrainingArguments
 
 from flexlora_hf import FlexLoRAConfig, FlexLoRATrainer, get_flexlora_model
 
@@ -28,10 +29,7 @@ def _example():
 
 
 def _base() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg)
+    return trainer_llama(seed=0)
 
 
 def _rows() -> list[list[int]]:

@@ -23,6 +23,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 pytest.importorskip("lm_eval")
 
+from helpers import tiny_llama  # noqa: E402
+
 from flexlora_hf import FlexLoRAConfig  # noqa: E402
 from flexlora_hf.evaluation import FlexLoRALM, evaluate_adapter, results_table  # noqa: E402
 from flexlora_hf.tasks import TASKS_DIR  # noqa: E402
@@ -51,7 +53,7 @@ CORPUS = [
 def save_tiny_base(path: Path, seed: int = 0) -> str:
     """A tiny random Llama plus a byte-level BPE tokenizer trained on CORPUS, saved as a normal HF folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -65,20 +67,17 @@ def save_tiny_base(path: Path, seed: int = 0) -> str:
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(path)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    model = tiny_llama(
+        seed=seed,
+        hidden=64,
         vocab_size=len(fast),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        eval_mode=False,
         max_position_embeddings=512,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
     )
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    model.save_pretrained(path)
     return str(path)
 
 
@@ -156,6 +155,20 @@ def loglikelihoods(results) -> list[float]:
     return [resp[0][0] for sample in results["samples"]["tiny_mc"] for resp in sample["resps"]]
 
 
+def recomputed_accuracy(results, task: str) -> tuple[float, float]:
+    """(acc, acc_norm) recomputed from the logged samples of a multiple-choice task: is the most likely choice (by
+    log-likelihood, and by log-likelihood per character of the choice) the document's `label`?"""
+    hits, hits_norm = [], []
+    for sample in results["samples"][task]:
+        lls = torch.tensor([resp[0][0] for resp in sample["resps"]], dtype=torch.float64)
+        lengths = torch.tensor([float(len(choice)) for choice in sample["doc"]["choices"]], dtype=torch.float64)
+        gold = sample["doc"]["label"]
+        hits.append(float(int(lls.argmax()) == gold))
+        hits_norm.append(float(int((lls / lengths).argmax()) == gold))
+    assert hits, f"no logged samples for {task}"
+    return sum(hits) / len(hits), sum(hits_norm) / len(hits_norm)
+
+
 # ---------------------------------------------------------------------------------------------- flexlora model
 def test_flexlora_model_matches_stock_hf_with_exported_peft(tiny_base, trained_adapter, tiny_task_dir):
     """`--model flexlora adapter=<dir>` and stock `--model hf peft=<dir>` (the exported view) score identically."""
@@ -171,7 +184,6 @@ def test_flexlora_model_matches_stock_hf_with_exported_peft(tiny_base, trained_a
         batch_size=1,
         task_manager=TaskManager(include_path=str(tiny_task_dir), include_defaults=False),
     )
-    assert stock is not None
     for metric in ("acc,none", "acc_norm,none"):
         assert ours["results"]["tiny_mc"][metric] == stock["results"]["tiny_mc"][metric]
     torch.testing.assert_close(
@@ -214,10 +226,16 @@ def test_flexlora_model_4bit_base_from_model_args_string(tiny_base, trained_adap
         device="cpu",
         batch_size=2,
         limit=4,
+        log_samples=True,
         task_manager=TaskManager(include_path=str(tiny_task_dir), include_defaults=False),
     )
-    assert results is not None
-    assert 0.0 <= results["results"]["tiny_mc"]["acc,none"] <= 1.0
+    assert len(results["samples"]["tiny_mc"]) == 4
+    assert results["results"]["tiny_mc"]["acc,none"] == pytest.approx(recomputed_accuracy(results, "tiny_mc")[0])
+    # The 4-bit base really scored: its log-likelihoods are not the full-precision model's.
+    full = evaluate_adapter(
+        tiny_base, trained_adapter, "tiny_mc", include_path=str(tiny_task_dir), log_samples=True, limit=4
+    )
+    assert loglikelihoods(results) != pytest.approx(loglikelihoods(full), abs=1e-4)
     lm = FlexLoRALM(pretrained=tiny_base, adapter=trained_adapter, load_in_4bit="true", device="cpu")
     layers = [m for m in lm.model.modules() if is_linear4bit(m)]
     assert layers and all(m.support_avx512bf16_for_cpu is False for m in layers)
@@ -278,9 +296,9 @@ def test_llm_adapters_task_end_to_end(tiny_base, trained_adapter, tmp_path):
         metadata={"data_dir": str(tmp_path / "dataset")},
     )
     task = results["results"]["flexlora_llm_adapters_boolq"]
-    assert 0.0 <= task["exact_match,none"] <= 1.0
     samples = results["samples"]["flexlora_llm_adapters_boolq"]
     assert len(samples) == 3
+    assert task["exact_match,none"] == pytest.approx(sum(sample["exact_match"] for sample in samples) / 3)
     assert samples[0]["arguments"][0][0] == llm_adapters_prompt(rows[0]["instruction"])
     for sample in samples:  # the metric is exactly the protocol's extraction applied to the generation
         generated = sample["resps"][0][0]
@@ -395,10 +413,15 @@ def test_bigbench_split_is_disjoint_and_eval_data_is_written(toy_bigbench, tmp_p
 def test_offline_bigbench_task_scores(tiny_base, trained_adapter, toy_bigbench, tmp_path):
     prepare_bigbench_eval_data(tmp_path / "eval", ["social_iqa"])
     results = evaluate_adapter(
-        tiny_base, trained_adapter, "flexlora_bigbench_social_iqa", metadata={"data_dir": str(tmp_path / "eval")}
+        tiny_base,
+        trained_adapter,
+        "flexlora_bigbench_social_iqa",
+        metadata={"data_dir": str(tmp_path / "eval")},
+        log_samples=True,
     )
     task = results["results"]["flexlora_bigbench_social_iqa"]
-    assert 0.0 <= task["acc,none"] <= 1.0 and 0.0 <= task["acc_norm,none"] <= 1.0
+    acc, acc_norm = recomputed_accuracy(results, "flexlora_bigbench_social_iqa")
+    assert task["acc,none"] == pytest.approx(acc) and task["acc_norm,none"] == pytest.approx(acc_norm)
     assert results["n-samples"]["flexlora_bigbench_social_iqa"]["effective"] == 5
 
 
@@ -545,7 +568,7 @@ def test_commonsense_example_end_to_end_on_cpu(tiny_base, toy_bigbench, tmp_path
             str(tmp_path / "ft"),
             "--val_set_size",
             "4",
-            "--lora_r",
+            "--r",
             "2",
             "--b0",
             "2",

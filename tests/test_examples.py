@@ -21,6 +21,7 @@ from types import ModuleType
 
 import pytest
 import transformers
+from helpers import tiny_bert, tiny_llama
 from transformers import HfArgumentParser, TrainingArguments
 
 from flexlora_hf import FlexLoRAConfig
@@ -107,22 +108,20 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_bert_dir(tokenizer_dir, tmp_path_factory) -> Path:
-    """A random 2-layer BERT sequence classifier (hidden 32) with the tiny tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    """A random 2-layer BERT sequence classifier (hidden 32, 2 heads, 2 labels) with the tiny tokenizer."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = BertConfig(
+    model = tiny_bert(
+        num_labels=2,
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
+        eval_mode=False,
         num_attention_heads=2,
-        intermediate_size=64,
         max_position_embeddings=128,
         pad_token_id=tokenizer.pad_token_id,
     )
-    transformers.set_seed(0)
     out = tmp_path_factory.mktemp("tiny_bert")
-    BertForSequenceClassification(config).save_pretrained(out)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -130,24 +129,19 @@ def tiny_bert_dir(tokenizer_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tokenizer_dir, tmp_path_factory) -> Path:
     """A random 2-layer Llama causal LM (hidden 32, GQA 4/2 heads) with the tiny tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
+    model = tiny_llama(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
+        eval_mode=False,
         max_position_embeddings=128,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    transformers.set_seed(0)
     out = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(config).save_pretrained(out)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -255,9 +249,28 @@ def test_module_list_syntax():
 
 
 # ---------------------------------------------------------------------------------------------------- run_glue
+def _classifier_accuracy(base_dir: Path, adapter_dir: Path, rows: list[tuple[str, int]], max_length: int) -> float:
+    """Accuracy of the saved adapter on top of its base, scoring `rows` one at a time (no padding)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from flexlora_hf import FlexLoRAModel
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
+    model = FlexLoRAModel.from_pretrained(base, str(adapter_dir)).eval()
+    hits = 0
+    with torch.no_grad():
+        for text, label in rows:
+            encoded = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+            hits += int(model(**encoded).logits.argmax(-1).item() == label)
+    return hits / len(rows)
+
+
 def test_run_glue_local_csv(tiny_bert_dir, tmp_path):
     train = _write_csv(tmp_path / "train.csv", _sentences(96, seed=1))
-    dev = _write_csv(tmp_path / "dev.csv", _sentences(32, seed=2))
+    dev_rows = _sentences(32, seed=2)
+    dev = _write_csv(tmp_path / "dev.csv", dev_rows)
     out = tmp_path / "out"
     metrics = load_script("run_glue").main(
         [
@@ -279,7 +292,9 @@ def test_run_glue_local_csv(tiny_bert_dir, tmp_path):
     )
     history = _assert_adapter_dir(out)
     assert history[-1]["ranks"] != {name: 4 for name in history[-1]["ranks"]}, "the rank map never changed"
-    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    # The reported accuracy is the saved adapter's on the whole dev file.
+    assert metrics["eval_samples"] == len(dev_rows)
+    assert metrics["eval_accuracy"] == pytest.approx(_classifier_accuracy(tiny_bert_dir, out, dev_rows, 32))
     assert "eval_macro_f1" in metrics and "eval_loss" in metrics
     assert (out / "eval_results.json").is_file() and (out / "train_results.json").is_file()
     card = (out / "README.md").read_text()
@@ -502,7 +517,8 @@ def test_run_glue_minilm_bigbench(tmp_path):
     )
     history = _assert_adapter_dir(out)
     assert len(history[-1]["ranks"]) == 36  # 6 layers x 6 matrices
-    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    correct = metrics["eval_accuracy"] * metrics["eval_samples"]  # a fraction of the held-out examples
+    assert metrics["eval_samples"] > 0 and correct == pytest.approx(round(correct), abs=1e-6)
 
 
 @pytest.mark.slow

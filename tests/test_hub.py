@@ -13,31 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-# Imported under another name so the test parameters do not shadow it; pytest registers it as `local_hub`.
-from hub_stub import LocalHub, use_local_hub
-from hub_stub import local_hub as local_hub_fixture  # noqa: F401
+from helpers import PNG_SIGNATURE, logits, tiny_bert, tiny_llama, trained
+from hub_stub import LocalHub
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from peft import PeftModel
-from test_serialization import PNG_SIGNATURE, logits, tiny_bert, tiny_llama, trained
 
 from flexlora_hf import FlexLoRAModel
 
-TOKEN = "hf_test_token"
-OTHER_TOKEN = "hf_other_token"
+TOKEN = "hf_test_token"  # the `local_hub` fixture's user "tester"
 
 
 @pytest.fixture(scope="module")
 def llama_adapter() -> FlexLoRAModel:
     return trained(tiny_llama)
-
-
-@pytest.fixture
-def two_user_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    with LocalHub(tokens={TOKEN: "tester", OTHER_TOKEN: "other"}) as hub:
-        use_local_hub(monkeypatch, hub.endpoint, tmp_path / "hf_home")
-        yield hub
 
 
 def _front_matter(readme: bytes) -> dict:
@@ -115,31 +104,6 @@ def test_load_a_revision(local_hub: LocalHub, llama_adapter: FlexLoRAModel) -> N
     assert from_pr.rank_history == other.rank_history
 
 
-def test_private_repo_needs_the_token(local_hub: LocalHub, llama_adapter: FlexLoRAModel) -> None:
-    llama_adapter.push_to_hub("tester/secret", token=TOKEN, private=True)
-    # Anonymous first: once downloaded, huggingface_hub serves the local cache when the Hub refuses access.
-    with pytest.raises(RepositoryNotFoundError):
-        FlexLoRAModel.from_pretrained(tiny_llama(), "tester/secret")
-    loaded = FlexLoRAModel.from_pretrained(tiny_llama(), "tester/secret", token=TOKEN)
-    assert loaded.rank_map() == llama_adapter.rank_map()
-
-
-def test_push_without_token_fails_with_the_hubs_message(local_hub: LocalHub, llama_adapter: FlexLoRAModel) -> None:
-    with pytest.raises(HfHubHTTPError) as info:
-        llama_adapter.push_to_hub("tester/flex")
-    assert info.value.response.status_code == 401
-    assert "Invalid username or password" in str(info.value)
-    assert local_hub.repo_ids() == []
-
-
-def test_push_to_another_namespace_fails(two_user_hub: LocalHub, llama_adapter: FlexLoRAModel) -> None:
-    with pytest.raises(HfHubHTTPError) as info:
-        llama_adapter.push_to_hub("other/flex", token=TOKEN)
-    assert info.value.response.status_code == 403
-    assert "rights" in str(info.value)
-    assert two_user_hub.repo_ids() == []
-
-
 def test_token_is_never_logged_or_written(
     local_hub: LocalHub, llama_adapter: FlexLoRAModel, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -164,3 +128,24 @@ def test_token_is_never_logged_or_written(
 def test_loading_a_missing_repo(local_hub: LocalHub) -> None:
     with pytest.raises(RepositoryNotFoundError):
         FlexLoRAModel.from_pretrained(tiny_llama(), "tester/does-not-exist")
+
+
+# ---------------------------------------------------------------------------------------------------- auth failures
+# The stub's refusals themselves (401 without or with an unknown token, 403 outside one's namespace, 404 for another
+# user's private repo) are tested once, through the raw client, in test_hub_stub.py. Here only what FlexLoRA adds:
+# `from_pretrained` forwards `token`, and `push_to_hub` surfaces the Hub's refusal unchanged and leaves nothing behind.
+def test_private_repo_needs_the_token(local_hub: LocalHub, llama_adapter: FlexLoRAModel) -> None:
+    llama_adapter.push_to_hub("tester/secret", token=TOKEN, private=True)
+    # Anonymous first: once downloaded, huggingface_hub serves the local cache when the Hub refuses access.
+    with pytest.raises(RepositoryNotFoundError):
+        FlexLoRAModel.from_pretrained(tiny_llama(), "tester/secret")
+    loaded = FlexLoRAModel.from_pretrained(tiny_llama(), "tester/secret", token=TOKEN)
+    assert loaded.rank_map() == llama_adapter.rank_map()
+
+
+def test_push_without_token_fails_with_the_hubs_message(local_hub: LocalHub, llama_adapter: FlexLoRAModel) -> None:
+    with pytest.raises(HfHubHTTPError) as info:
+        llama_adapter.push_to_hub("tester/flex")
+    assert info.value.response.status_code == 401
+    assert "Invalid username or password" in str(info.value)
+    assert local_hub.repo_ids() == []

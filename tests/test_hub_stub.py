@@ -11,12 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hub_stub import (
-    LocalHub,
-    git_blob_oid,
-    local_hub_fixture,  # noqa: F401 - provides the `local_hub` fixture
-    use_local_hub,
-)
+from hub_stub import LocalHub, git_blob_oid, use_local_hub
 from huggingface_hub import (
     HfApi,
     ModelCard,

@@ -6,15 +6,8 @@ import copy
 
 import pytest
 import torch
+from helpers import random_lambda, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
 from transformers.optimization import Adafactor
 
 from flexlora_hf.allocation import ReallocationPlan, plan_reallocation
@@ -25,42 +18,7 @@ from flexlora_hf.model import FlexLoRAModel, expansion_generator, get_flexlora_m
 from flexlora_hf.optim_surgery import UnsupportedOptimizerError, check_optimizer_supported, reset_slots
 from flexlora_hf.schedule import event_steps
 
-
 # ------------------------------------------------------------------------------------------------ tiny models
-def tiny_llama() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_bert() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=100,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(cfg).eval()
-
-
-def tiny_gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
-
-
 BUILDERS = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
 ARCHS = list(BUILDERS)
 
@@ -81,14 +39,6 @@ def wrap(arch: str, **overrides) -> tuple[FlexLoRAModel, nn.Module]:
     kwargs = dict(r=4, b0=1, max_rank=8, lora_alpha=8.0)
     kwargs.update(overrides)
     return get_flexlora_model(base, FlexLoRAConfig(**kwargs)), ref
-
-
-@torch.no_grad()
-def randomise_lambda(model: FlexLoRAModel, seed: int = 0, scale: float = 1.0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for _, layer in model.flexlora_layers():
-        values = torch.randn(layer.capacity, generator=g) * scale
-        layer.lora_lam.copy_(values * layer.lora_active)
 
 
 def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -112,7 +62,7 @@ def test_output_equals_base_at_init(arch: str) -> None:
 @pytest.mark.parametrize("init", ["zero_impact", "orthogonal", "zero"])
 def test_expand_keeps_output(arch: str, init: str) -> None:
     model, _ = wrap(arch, expansion_init=init)
-    randomise_lambda(model, scale=20.0)
+    random_lambda(model, scale=20.0)
     before = logits(model)
     names = model.module_names[::2]
     touched = model.apply_plan(ReallocationPlan(expand=tuple(names), budget=len(names)), step=7)
@@ -125,7 +75,7 @@ def test_expand_keeps_output(arch: str, init: str) -> None:
 def test_small_init_changes_output() -> None:
     """Control for the test above: a non-zero λ on the new direction does change the output."""
     model, _ = wrap("llama", expansion_init="small", small_init_value=0.5)
-    randomise_lambda(model, scale=20.0)
+    random_lambda(model, scale=20.0)
     before = logits(model)
     model.apply_plan(ReallocationPlan(expand=tuple(model.module_names), budget=1), step=1)
     assert not torch.allclose(logits(model), before, atol=1e-6)
@@ -134,16 +84,17 @@ def test_small_init_changes_output() -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prune_zero_lambda_keeps_output(arch: str) -> None:
     model, ref = wrap(arch)
-    randomise_lambda(model, scale=20.0)
+    random_lambda(model, scale=20.0)
     with torch.no_grad():
         for _, layer in model.flexlora_layers():
             layer.lora_lam[2] = 0.0
     before = logits(model)
     assert not torch.allclose(before, logits(ref), atol=1e-4)  # λ really changed the model
     for _, layer in model.flexlora_layers():
-        assert layer.prune_smallest() == 2
+        assert layer.prune_smallest() == (2, 3)  # slot 2 removed, the last active direction (slot 3) moved in
         assert layer.rank == 3
-    assert_same(logits(model), before)
+    # equal up to float reassociation (the matmuls now run over 3 directions, not 4); the λ of 20 makes logits large
+    torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ layer surgery
@@ -159,20 +110,22 @@ def test_prune_smallest_uses_magnitude() -> None:
     with torch.no_grad():
         layer.lora_lam[:4] = torch.tensor([0.5, -10.0, 0.2, 3.0])
     # a signed argmin would pick slot 1 (λ = -10), the largest direction
-    assert layer.prune_smallest() == 2
-    assert layer.active_slots().tolist() == [0, 1, 3]
-    assert layer.prune_smallest() == 0
-    assert layer.prune_smallest() == 3
-    assert layer.active_slots().tolist() == [1]
-    assert float(layer.lora_lam.detach()[1]) == -10.0
+    assert layer.prune_smallest() == (2, 3)  # 0.2 goes; 3.0 moves from the last slot into the hole
+    assert layer.active_slots().tolist() == [0, 1, 2]
+    assert layer.lora_lam.detach()[:3].tolist() == [0.5, -10.0, 3.0]
+    assert layer.prune_smallest() == (0, 2)  # 0.5 goes; 3.0 moves again
+    assert layer.prune_smallest() == (0, 1)  # 3.0 goes; -10 moves into slot 0
+    assert layer.active_slots().tolist() == [0]
+    assert float(layer.lora_lam.detach()[0]) == -10.0
 
 
 def test_prune_ties_take_lowest_slot_and_empty_raises() -> None:
     layer = _layer(r=2, capacity=2)
     with torch.no_grad():
         layer.lora_lam.copy_(torch.tensor([-1.0, 1.0]))
-    assert layer.prune_smallest() == 0
-    assert layer.prune_smallest() == 1
+    assert layer.prune_smallest() == (0, 1)  # tie: the lowest slot goes, slot 1 moves in
+    assert float(layer.lora_lam.detach()[0]) == 1.0
+    assert layer.prune_smallest() == (0, None)  # the last active direction: nothing to move
     with pytest.raises(RuntimeError, match="no active direction"):
         layer.prune_smallest()
 
@@ -181,13 +134,17 @@ def test_pruned_slot_is_exactly_zero() -> None:
     layer = _layer()
     with torch.no_grad():
         layer.lora_lam[:4] = torch.tensor([0.3, 0.1, 0.7, -0.9])
-    slot = layer.prune_smallest()
-    assert slot == 1
-    assert not bool(layer.lora_active[slot])
-    assert torch.count_nonzero(layer.lora_P[:, slot]) == 0
-    assert float(layer.lora_lam.detach()[slot]) == 0.0
-    assert torch.count_nonzero(layer.lora_Q[slot]) == 0
-    assert float(layer.lam_eff().detach()[slot]) == 0.0
+    P_last, Q_last = layer.lora_P.detach()[:, 3].clone(), layer.lora_Q.detach()[3].clone()
+    slot, moved_from = layer.prune_smallest()
+    assert (slot, moved_from) == (1, 3)
+    assert float(layer.lora_lam.detach()[1]) == pytest.approx(-0.9)  # the moved direction, intact
+    assert torch.equal(layer.lora_P.detach()[:, 1], P_last) and torch.equal(layer.lora_Q.detach()[1], Q_last)
+    freed = 3  # the slot the move vacated: inactive and exactly zero
+    assert not bool(layer.lora_active[freed])
+    assert torch.count_nonzero(layer.lora_P[:, freed]) == 0
+    assert float(layer.lora_lam.detach()[freed]) == 0.0
+    assert torch.count_nonzero(layer.lora_Q[freed]) == 0
+    assert float(layer.lam_eff().detach()[freed]) == 0.0
 
 
 def test_expand_fills_first_free_slot_and_respects_capacity() -> None:
@@ -195,8 +152,8 @@ def test_expand_fills_first_free_slot_and_respects_capacity() -> None:
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         layer.lora_lam[:4] = torch.tensor([0.3, 0.1, 0.7, -0.9])
-    pruned = layer.prune_smallest()
-    assert layer.expand(g) == pruned  # the hole left by the prune is reused first
+    assert layer.prune_smallest() == (1, 3)
+    assert layer.expand(g) == 3  # the first free slot after the active prefix
     assert layer.expand(g) == 4
     assert layer.expand(g) == 5
     assert layer.rank == 6
@@ -209,7 +166,7 @@ def test_expand_fills_first_free_slot_and_respects_capacity() -> None:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_inactive_slots_get_zero_gradient(arch: str) -> None:
     model, _ = wrap(arch)
-    randomise_lambda(model, scale=5.0)
+    random_lambda(model, scale=5.0)
     with torch.no_grad():
         for _, layer in model.flexlora_layers():
             layer.prune_smallest()
@@ -253,7 +210,7 @@ def _hand_merged(model: FlexLoRAModel, ref: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_merged_equivalence(arch: str) -> None:
     model, ref = wrap(arch)
-    randomise_lambda(model, scale=30.0)
+    random_lambda(model, scale=30.0)
     # make the active slots non-contiguous, with a fresh direction that has been given a λ
     model.apply_plan(ReallocationPlan(prune=tuple(model.module_names[:3]), budget=3), step=1)
     model.apply_plan(ReallocationPlan(expand=tuple(model.module_names[1:5]), budget=4), step=2)
@@ -275,7 +232,7 @@ def test_delta_weight_matches_compact() -> None:
         layer.lora_lam[:4] = torch.tensor([1.0, -2.0, 0.5, 3.0])
     layer.prune_smallest()
     c = layer.compact()
-    assert c["slots"].tolist() == [0, 1, 3]
+    assert c["slots"].tolist() == [0, 1, 2]  # the active slots are always a prefix
     expected = layer.scaling * (c["P"] * c["lam"]) @ c["Q"]
     torch.testing.assert_close(layer.delta_weight(), expected)
     x = torch.randn(3, 24)
@@ -337,8 +294,8 @@ def test_orthogonalised_inits(init: str) -> None:
     assert p.norm() > 0 and q.norm() > 0
     expected_lam = 1e-3 if init == "small" else 0.0
     assert float(layer.lora_lam.detach()[slot]) == pytest.approx(expected_lam)
-    # a plain zero_impact draw from the same generator is *not* orthogonal: the test above can fail
-    raw = _layer(d_in=40, d_out=32, r=4, capacity=6)
+    # a plain zero_impact draw (Gaussian basis) from the same generator is *not* orthogonal: the test above can fail
+    raw = _layer(d_in=40, d_out=32, r=4, capacity=6, init_basis="gaussian")  # orthonormal bases orthogonalise always
     s2 = raw.expand(torch.Generator().manual_seed(11), init="zero_impact")
     assert (P_old.T @ raw.lora_P.detach()[:, s2]).abs().max() > 1e-6
 
@@ -354,7 +311,7 @@ def test_zero_init_is_all_zero() -> None:
 
 def test_zero_impact_draws_at_init_scale() -> None:
     base = nn.Linear(2048, 2048, bias=False)
-    layer = FlexLoRALayer(base, r=1, capacity=2, lora_alpha=2.0, init_scale=0.02)
+    layer = FlexLoRALayer(base, r=1, capacity=2, lora_alpha=2.0, init_scale=0.02, init_basis="gaussian")
     slot = layer.expand(torch.Generator().manual_seed(0), init="zero_impact")
     assert slot == 1
     assert float(layer.lora_lam.detach()[slot]) == 0.0
@@ -377,7 +334,7 @@ def test_expansion_generator_is_deterministic() -> None:
 def test_apply_plan_draws_depend_only_on_seed_and_step() -> None:
     m1, _ = wrap("llama", seed=3)
     m2, _ = wrap("llama", seed=3)
-    randomise_lambda(m2, seed=9)  # history differs; draws must not
+    random_lambda(m2, seed=9)  # history differs; draws must not
     plan = ReallocationPlan(expand=tuple(m1.module_names[:4]), budget=4)
     t1 = m1.apply_plan(plan, step=40)
     t2 = m2.apply_plan(plan, step=40)
@@ -442,7 +399,7 @@ def test_views_share_keys() -> None:
     assert model.total_rank() == 4 * len(ranks)
     # at init λ = 0: every module's entropy is 0 by the degenerate-case rule, never NaN
     assert set(model.importance_scores().values()) == {0.0}
-    randomise_lambda(model)
+    random_lambda(model)
     layer = next(layer for _, layer in model.flexlora_layers())
     layer.prune_smallest()
     assert model.total_rank() == 4 * len(ranks) - 1
@@ -470,7 +427,7 @@ def test_default_capacity_is_r_plus_events() -> None:
     model_p, _ = wrap("llama", r=4, max_rank=None, **dict(sched, allocation="prune_only"))
     assert set(model_p.rank_caps().values()) == {4}
     # mixed capacities are padded for the batched score: each equals the single-matrix score of its active λ
-    randomise_lambda(model, seed=4)
+    random_lambda(model, seed=4)
     scores = model.importance_scores()
     for name, layer in model.flexlora_layers():
         expected = importance(layer.lora_lam.detach()[layer.active_slots()], metric="entropy")
@@ -493,7 +450,7 @@ def test_finalize_capacity_grows_provisional_capacity() -> None:
         )
         assert layer.rank == 4
         assert isinstance(layer.lora_P, nn.Parameter) and layer.lora_P.requires_grad
-        assert "lora_active" in dict(layer.named_buffers())
+        assert int(dict(layer.named_buffers())["lora_rank"]) == 4  # the rank survives a state_dict round trip
     assert torch.equal(logits(model), logits(ref))
     assert model.finalize_capacity(100) is False  # already final
 
@@ -528,50 +485,52 @@ def test_apply_plan_resets_only_touched_moments(variant: dict) -> None:
     before = _snapshot(opt)
     layers = dict(model.flexlora_layers())
     pruned_slots = {}
-    for name in plan.prune:  # the slot prune_smallest will pick
+    for name in plan.prune:  # the slot prune_smallest will pick (the last active direction, 3, moves into it)
         layer = layers[name]
-        active = layer.active_slots()
-        pruned_slots[name] = int(active[layer.lora_lam.detach()[active].abs().argmin()])
+        pruned_slots[name] = int(layer.lora_lam.detach()[:4].abs().argmin())
 
     touched = model.apply_plan(plan, opt, step=2)
 
     assert set(touched) == set(plan.prune) | set(plan.expand)
     for name in plan.prune:
-        assert touched[name] == [pruned_slots[name]]
+        j = pruned_slots[name]
+        assert touched[name] == ([j, 3] if j != 3 else [3])
     for name in plan.expand:
         assert touched[name] == [4]
-    touched_params = {}
-    for name, slots in touched.items():
-        for attr, dim in SLOT_DIM.items():
-            touched_params[getattr(layers[name], attr)] = (dim, slots, name)
     assert len(before) == len(params)
+    layer_of = {getattr(layers[n], a): (n, d) for n in touched for a, d in SLOT_DIM.items()}
     for p in params:
         state, old = opt.state[p], before[p]
         assert set(state) == set(old)
         assert torch.equal(state["step"], old["step"])  # per-tensor step counter untouched
-        if p not in touched_params:
+        if p not in layer_of:
             for key in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(state[key], old[key])
             continue
-        dim, slots, name = touched_params[p]
-        keep = [i for i in range(p.shape[dim]) if i not in slots]
+        name, dim = layer_of[p]
         for key in ("exp_avg", "exp_avg_sq"):
-            sel = torch.tensor(slots)
-            assert torch.count_nonzero(state[key].index_select(dim, sel)) == 0
-            assert torch.equal(
-                state[key].index_select(dim, torch.tensor(keep)), old[key].index_select(dim, torch.tensor(keep))
-            )
-            if name in plan.prune:  # the reset was real: that slot had trained moments
-                assert torch.count_nonzero(old[key].index_select(dim, sel)) > 0
+            new_, old_ = state[key], old[key]
+            if name in plan.prune:
+                j = pruned_slots[name]
+                if j != 3:  # the moved direction keeps its moments exactly
+                    assert torch.equal(new_.select(dim, j), old_.select(dim, 3))
+                    assert torch.count_nonzero(old_.select(dim, j)) > 0  # and the pruned ones were trained
+                assert torch.count_nonzero(new_.select(dim, 3)) == 0  # the freed slot starts clean
+                keep = [i for i in range(p.shape[dim]) if i not in (j, 3)]
+            else:
+                assert torch.count_nonzero(new_.select(dim, 4)) == 0  # the new direction starts clean
+                keep = [i for i in range(p.shape[dim]) if i != 4]
+            idx = torch.tensor(keep)
+            assert torch.equal(new_.index_select(dim, idx), old_.index_select(dim, idx))  # everything else: bit-identical
 
-    # training continues; pruned slots stay exactly zero under AdamW's decoupled decay
+    # training continues; the freed slots stay exactly zero under AdamW's decoupled decay
     _train_steps(model, opt, n=1)
     for name in plan.prune:
-        layer, slot = layers[name], pruned_slots[name]
-        assert not bool(layer.lora_active[slot])
-        assert torch.count_nonzero(layer.lora_P[:, slot]) == 0
-        assert float(layer.lora_lam.detach()[slot]) == 0.0
-        assert torch.count_nonzero(layer.lora_Q[slot]) == 0
+        layer = layers[name]
+        assert layer.rank == 3 and not bool(layer.lora_active[3])
+        assert torch.count_nonzero(layer.lora_P[:, 3]) == 0
+        assert float(layer.lora_lam.detach()[3]) == 0.0
+        assert torch.count_nonzero(layer.lora_Q[3]) == 0
     for name in plan.expand:
         assert float(layers[name].lora_lam.detach()[4]) != 0.0  # the new direction trains
 
@@ -592,10 +551,11 @@ def test_apply_plan_through_wrapper_and_before_first_step() -> None:
     _train_steps(model, opt, n=1)
     layer = dict(model.flexlora_layers())[name]
     assert torch.count_nonzero(opt.state[layer.lora_lam]["exp_avg"][:5]) > 0
-    touched = model.apply_plan(ReallocationPlan(prune=(name,), budget=1), _Wrapper(opt), step=2)
-    slot = touched[name][0]
-    assert float(opt.state[layer.lora_lam]["exp_avg"][slot]) == 0.0
-    assert torch.count_nonzero(opt.state[layer.lora_P]["exp_avg_sq"][:, slot]) == 0
+    model.apply_plan(ReallocationPlan(prune=(name,), budget=1), _Wrapper(opt), step=2)
+    freed = layer.rank  # 5 -> 4 directions: slot 4 is free again, its moments zero
+    assert freed == 4
+    assert float(opt.state[layer.lora_lam]["exp_avg"][freed]) == 0.0
+    assert torch.count_nonzero(opt.state[layer.lora_P]["exp_avg_sq"][:, freed]) == 0
 
 
 class AdamW8bit(torch.optim.Optimizer):

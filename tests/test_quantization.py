@@ -18,7 +18,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 bnb = pytest.importorskip("bitsandbytes")
 
 from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
+from helpers import lm_dataset, tiny_llama  # noqa: E402
+from transformers import AutoModelForCausalLM, TrainingArguments  # noqa: E402
 
 from flexlora_hf import FlexLoRAConfig, get_flexlora_model  # noqa: E402
 from flexlora_hf.quantization import (  # noqa: E402
@@ -34,31 +35,15 @@ HAS_AVX512_BF16 = bool(bnb.functional.has_avx512bf16())
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # the paper's LLaMA targets
 
 
-def save_tiny_llama(path, seed: int = 0) -> str:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tiny_llama(hidden=64, vocab_size=128, eval_mode=False).save_pretrained(path)
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> str:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
-
-
-def lm_data(n: int = 48, length: int = 16, seed: int = 0) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-    start = torch.randint(0, 100, (n, 1), generator=g)
-    ids = (start + torch.arange(length)) % 128  # token i+1 follows token i: learnable
-    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+def lm_data(n: int = 48, seed: int = 0) -> Dataset:
+    return lm_dataset(n, length=16, seed=seed, vocab_size=128, max_start=100)  # the tiny base's 128 tokens
 
 
 def quantized_linear(seed: int = 0) -> torch.nn.Module:

@@ -12,109 +12,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import PNG_SIGNATURE, flex_config, logits, random_lambda, tiny_bert, tiny_gpt2, tiny_llama, trained
 from huggingface_hub import EvalResult, ModelCard, metadata_load
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    RobertaConfig,
-    RobertaForSequenceClassification,
-)
+from transformers import RobertaConfig, RobertaForSequenceClassification
 
-from flexlora_hf import FlexLoRAConfig, FlexLoRAModel, get_flexlora_model, plan_reallocation
+from flexlora_hf import (
+    FlexLoRAConfig,
+    FlexLoRAModel,
+    get_flexlora_model,
+    load_adapter_into,
+    load_flexlora,
+    plan_reallocation,
+    save_flexlora,
+)
 from flexlora_hf.io import atomic
 from flexlora_hf.io.peft_view import peft_export
 from flexlora_hf.model_card import build_model_card, load_template, rank_tables
 from flexlora_hf.plotting import depth_order, plot_rank_history, short_module_types, split_module_path
-from flexlora_hf import load_adapter_into, load_flexlora, save_flexlora
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-# ---------------------------------------------------------------------------------------------------------- models
-def tiny_llama(hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_bert(num_labels: int = 3, hidden: int = 32) -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=2 * hidden,
-        vocab_size=100,
-        max_position_embeddings=64,
-        num_labels=num_labels,
-    )
-    return BertForSequenceClassification(cfg).eval()
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).eval()
-
-
-def inputs(seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(0, 100, (2, 9), generator=g)}
-
-
-def logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs()).logits
-
-
-def config(**kw) -> FlexLoRAConfig:
-    base = {"r": 4, "lora_alpha": 8.0, "b0": 2, "t_warmup": 10, "t_final": 10, "delta_t": 10, "total_steps": 100}
-    base.update(kw)
-    return FlexLoRAConfig(**base)
-
-
-@torch.no_grad()
-def random_lambda(fm: FlexLoRAModel, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for _, layer in fm.flexlora_layers():
-        layer.lora_lam.copy_(torch.randn(layer.capacity, generator=g) * layer.lora_active)
-
-
-def trained(make: Callable[[], torch.nn.Module], events: int = 3, **kw) -> FlexLoRAModel:
-    """An adapter whose ranks have moved: random λ, then `events` planned reallocations (recorded in the history)."""
-    fm = get_flexlora_model(make(), config(**kw))
-    for event in range(events):
-        random_lambda(fm, seed=event)
-        plan = plan_reallocation(
-            fm.importance_scores(), fm.rank_map(), 2, min_rank=fm.flexlora_config.min_rank, max_rank=fm.rank_caps()
-        )
-        fm.apply_plan(plan, step=20 + 10 * event)
-        fm.rank_history.append(
-            {"step": 20 + 10 * event, "prune": list(plan.prune), "expand": list(plan.expand), "ranks": fm.rank_map()}
-        )
-    random_lambda(fm, seed=99)  # the new directions get a non-zero λ too
-    with torch.no_grad():  # a trained head differs from the base model's random one
-        for name, p in fm.get_base_model().named_parameters():
-            if p.requires_grad and "lora_" not in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return fm.eval()
-
-
+# ---------------------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[FlexLoRAModel, Path]:
     fm = trained(tiny_llama)
@@ -257,7 +178,7 @@ def test_saving_is_deterministic(llama_dir: tuple[FlexLoRAModel, Path], tmp_path
 def test_base_model_name_is_recorded(tmp_path: Path) -> None:
     base = tiny_llama()
     base.config._name_or_path = "HuggingFaceTB/SmolLM2-135M"
-    save_flexlora(get_flexlora_model(base, config()), tmp_path)
+    save_flexlora(get_flexlora_model(base, flex_config()), tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == (
         "HuggingFaceTB/SmolLM2-135M"
     )
@@ -269,13 +190,13 @@ def test_base_model_name_is_recorded(tmp_path: Path) -> None:
 
 
 def test_is_main_process_false_writes_nothing(tmp_path: Path) -> None:
-    fm = get_flexlora_model(tiny_llama(), config())
+    fm = get_flexlora_model(tiny_llama(), flex_config())
     save_flexlora(fm, tmp_path / "out", is_main_process=False)
     assert not (tmp_path / "out").exists()
 
 
 def test_safe_serialization_false_is_refused(tmp_path: Path) -> None:
-    fm = get_flexlora_model(tiny_llama(), config())
+    fm = get_flexlora_model(tiny_llama(), flex_config())
     with pytest.raises(ValueError, match="safetensors"):
         save_flexlora(fm, tmp_path, safe_serialization=False)
 
@@ -314,7 +235,7 @@ def test_load_adapter_into_existing_model(llama_dir: tuple[FlexLoRAModel, Path])
     fm, path = llama_dir
     # A fresh model built from the same config (what a Trainer resuming from a checkpoint holds) but with bigger
     # slots: the checkpoint's capacities win, so optimizer.pt moments keep their shapes.
-    target = get_flexlora_model(tiny_llama(), config(max_rank=9)).eval()
+    target = get_flexlora_model(tiny_llama(), flex_config(max_rank=9)).eval()
     load_adapter_into(target, path)
     assert torch.equal(logits(target), logits(fm))
     assert target.rank_map() == fm.rank_map()
@@ -325,7 +246,7 @@ def test_load_adapter_into_existing_model(llama_dir: tuple[FlexLoRAModel, Path])
 
 def test_load_adapter_into_other_modules_fails(llama_dir: tuple[FlexLoRAModel, Path]) -> None:
     _, path = llama_dir
-    target = get_flexlora_model(tiny_llama(), config(target_modules=["q_proj", "v_proj"]))
+    target = get_flexlora_model(tiny_llama(), flex_config(target_modules=["q_proj", "v_proj"]))
     with pytest.raises(ValueError, match="adapts other modules"):
         load_adapter_into(target, path)
 
@@ -430,7 +351,7 @@ def test_adapted_layer_inside_modules_to_save(tmp_path: Path) -> None:
 
 
 def test_rank_pattern_keys_are_ordered_deepest_first() -> None:
-    fm = get_flexlora_model(tiny_llama(), config())
+    fm = get_flexlora_model(tiny_llama(), flex_config())
     adapter_config, _ = peft_export(fm)
     depths = [k.count(".") for k in adapter_config["rank_pattern"]]
     assert depths == sorted(depths, reverse=True)
@@ -487,7 +408,7 @@ def test_model_card_without_optional_sections(llama_dir: tuple[FlexLoRAModel, Pa
 
 
 def test_model_card_eval_results_go_to_model_index() -> None:
-    fm = get_flexlora_model(tiny_llama(), config())
+    fm = get_flexlora_model(tiny_llama(), flex_config())
     result = EvalResult(
         task_type="text-generation",
         dataset_type="social_iqa",
@@ -552,7 +473,7 @@ def test_heatmap_png(llama_dir: tuple[FlexLoRAModel, Path], tmp_path: Path) -> N
 
 
 def test_heatmap_of_empty_history_is_the_current_rank_map(tmp_path: Path) -> None:
-    fm = get_flexlora_model(tiny_llama(), config())
+    fm = get_flexlora_model(tiny_llama(), flex_config())
     fig = plot_rank_history(fm, tmp_path / "h.png")
     assert fig.axes[0].images[0].get_array().shape == (len(fm.module_names), 1)
     assert (tmp_path / "h.png").read_bytes()[:8] == PNG_SIGNATURE

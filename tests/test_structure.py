@@ -10,7 +10,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "flexlora_hf"
-CORE = ("config", "constants", "importance", "schedule", "allocation", "targets", "layer", "optim_surgery", "events", "model")
+CORE = (
+    "config", "constants", "importance", "schedule", "allocation", "targets", "directions", "layer", "optim_surgery",
+    "slot_age",
+    "events", "model",
+)
 HEAVY = ("transformers", "peft", "bitsandbytes", "lm_eval", "matplotlib", "datasets", "huggingface_hub", "sklearn", "scipy")
 
 
@@ -115,7 +119,7 @@ def test_core_imports_only_the_core_at_module_level() -> None:
         imported = _internal_imports(PACKAGE / f"{name}.py", top_level_only=True)
         assert imported <= core, f"flexlora_hf.{name} imports {imported - core} at module level"
     lazy = import_graph()["flexlora_hf.model"] - core
-    assert lazy == {"flexlora_hf.hub", "flexlora_hf.io.native", "flexlora_hf.io.save"}, lazy
+    assert lazy == {"flexlora_hf.hub", "flexlora_hf.io.native", "flexlora_hf.io.save", "flexlora_hf.transfer"}, lazy
 
 
 def test_nothing_above_the_core_is_imported_by_the_io_layer_at_runtime() -> None:

@@ -8,12 +8,13 @@ import os
 
 import pytest
 import torch
-from trainer_utils import cls_dataset, lm_dataset, tiny_bert, tiny_llama, training_args
+from helpers import cls_dataset, lm_dataset, trainer_bert, trainer_llama, training_args
 from transformers import Trainer, TrainerCallback
 
 from flexlora_hf import FlexLoRACallback, FlexLoRAConfig, FlexLoRATrainer, get_flexlora_model
 from flexlora_hf.allocation import ReallocationPlan
 from flexlora_hf.optim_surgery import unwrap_optimizer
+from flexlora_hf.trainer import unwrap_flexlora
 
 SCHED = dict(r=4, lora_alpha=8, b0=2, t_warmup=4, t_final=4, delta_t=2, schedule="constant")
 
@@ -31,10 +32,22 @@ def _run(model, tmp_path, ds, cfg_kwargs=None, callbacks=None, **arg_overrides):
     return trainer
 
 
+class _OrthReg(TrainerCallback):
+    """The model's orthogonality term R at the start of every optimizer step (the parameters the step's loss sees)."""
+
+    def __init__(self):
+        self.values: dict[int, float] = {}
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        with torch.no_grad():
+            self.values[state.global_step + 1] = float(unwrap_flexlora(model).orth_reg())
+
+
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_events_move_ranks_and_conserve_total(tmp_path, kind):
-    model, ds = (tiny_llama(), lm_dataset()) if kind == "llama" else (tiny_bert(), cls_dataset())
-    trainer = _run(model, tmp_path, ds)
+    model, ds = (trainer_llama(), lm_dataset()) if kind == "llama" else (trainer_bert(), cls_dataset())
+    orth = _OrthReg()
+    trainer = _run(model, tmp_path, ds, callbacks=[orth])
     fm = trainer.flexlora_model
     hist = fm.rank_history
     # constant b0=2 on steps 6, 8, ..., 20 (window (4, 20], grid 2)
@@ -52,12 +65,18 @@ def test_events_move_ranks_and_conserve_total(tmp_path, kind):
     # written at train end: the JSON record of every event
     with open(os.path.join(tmp_path, "rank_history.json")) as f:
         assert json.load(f) == json.loads(json.dumps(hist))
-    logged = [e for e in trainer.state.log_history if "flexlora/moves" in e]
-    assert logged and all("orth_reg" in e for e in logged)
+    # Every training log carries orth_reg = the mean of the model's R over the steps since the previous log; the
+    # logs after events also carry the event's moves.
+    logged = {e["step"]: e["orth_reg"] for e in trainer.state.log_history if "loss" in e}
+    assert sorted(logged) == [4, 8, 12, 16, 20, 24]
+    assert any("flexlora/moves" in e for e in trainer.state.log_history)
+    for step, value in logged.items():
+        window = [orth.values[s] for s in range(step - 3, step + 1)]
+        assert value == pytest.approx(sum(window) / len(window), abs=1e-6), step
 
 
 def test_inactive_slots_stay_exactly_zero_with_zero_moments(tmp_path):
-    trainer = _run(tiny_llama(), tmp_path, lm_dataset())
+    trainer = _run(trainer_llama(), tmp_path, lm_dataset())
     opt = unwrap_optimizer(trainer.optimizer)
     pruned_any = False
     for _, layer in trainer.flexlora_model.flexlora_layers():
@@ -92,7 +111,7 @@ def test_untouched_moments_bit_identical_and_lr_unchanged(tmp_path):
     before = _StateSnapshot(store, "before")
     cfg = FlexLoRAConfig(**SCHED)
     trainer = FlexLoRATrainer(
-        model=tiny_llama(),
+        model=trainer_llama(),
         args=training_args(str(tmp_path)),
         train_dataset=lm_dataset(),
         flexlora_config=cfg,
@@ -119,14 +138,14 @@ def test_untouched_moments_bit_identical_and_lr_unchanged(tmp_path):
                 assert torch.equal(b[pid][k], a[pid][k]), (step, k)
     # The LR schedule of a run with events equals the one without any event.
     lrs_events = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
-    plain = _run(tiny_llama(), tmp_path / "plain", lm_dataset(), cfg_kwargs={"b0": 0})
+    plain = _run(trainer_llama(), tmp_path / "plain", lm_dataset(), cfg_kwargs={"b0": 0})
     lrs_plain = [e["learning_rate"] for e in plain.state.log_history if "learning_rate" in e]
     assert lrs_events == lrs_plain
     assert plain.flexlora_model.rank_history == []
 
 
 def test_new_direction_leaves_output_unchanged():
-    fm = get_flexlora_model(tiny_llama(), FlexLoRAConfig(**SCHED, total_steps=24))
+    fm = get_flexlora_model(trainer_llama(), FlexLoRAConfig(**SCHED, total_steps=24))
     with torch.no_grad():
         for _, layer in fm.flexlora_layers():
             layer.lora_lam[:4] = torch.randn(4)
@@ -139,19 +158,27 @@ def test_new_direction_leaves_output_unchanged():
 
 
 def test_gradient_accumulation_gives_same_rank_decisions(tmp_path):
-    a = _run(tiny_llama(), tmp_path / "a", lm_dataset(), per_device_train_batch_size=8)
-    b = _run(
-        tiny_llama(), tmp_path / "b", lm_dataset(), per_device_train_batch_size=4, gradient_accumulation_steps=2
-    )
+    # float64: in float32 the two summation orders differ in the last bits, and Adam's normalisation of the tiny
+    # first gradients of unit-norm new directions amplifies that to ~1e-4 in λ; in float64 the paths agree to 1e-9.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        a = _run(trainer_llama(), tmp_path / "a", lm_dataset(), per_device_train_batch_size=8)
+        b = _run(
+            trainer_llama(), tmp_path / "b", lm_dataset(), per_device_train_batch_size=4, gradient_accumulation_steps=2
+        )
+    finally:
+        torch.set_default_dtype(default)
     ha, hb = a.flexlora_model.rank_history, b.flexlora_model.rank_history
     assert [(h["step"], h["prune"], h["expand"]) for h in ha] == [(h["step"], h["prune"], h["expand"]) for h in hb]
     assert a.flexlora_model.rank_map() == b.flexlora_model.rank_map()
     for (_, la), (_, lb) in zip(a.flexlora_model.flexlora_layers(), b.flexlora_model.flexlora_layers(), strict=True):
-        torch.testing.assert_close(la.lora_lam, lb.lora_lam, atol=1e-4, rtol=1e-3)
+        assert la.lora_lam.dtype == torch.float64
+        torch.testing.assert_close(la.lora_lam, lb.lora_lam, atol=1e-9, rtol=1e-7)
 
 
-def _first_step_grads(tmp_path, make_model, ds, gamma, ga, compute_loss_func=None):
-    """Gradients of every adapter P right before the first optimizer step."""
+def _first_step_grads(tmp_path, make_model, ds, gamma, ga, compute_loss_func=None, logs=None, **arg_overrides):
+    """Gradients of every adapter P right before the first optimizer step (the run's log history goes to `logs`)."""
     grads = {}
 
     class Grab(TrainerCallback):
@@ -162,7 +189,11 @@ def _first_step_grads(tmp_path, make_model, ds, gamma, ga, compute_loss_func=Non
     trainer = FlexLoRATrainer(
         model=make_model(),
         args=training_args(
-            str(tmp_path), per_device_train_batch_size=8 // ga, gradient_accumulation_steps=ga, max_steps=12
+            str(tmp_path),
+            per_device_train_batch_size=8 // ga,
+            gradient_accumulation_steps=ga,
+            max_steps=12,
+            **arg_overrides,
         ),
         train_dataset=ds,
         flexlora_config=FlexLoRAConfig(**{**SCHED, "orth_reg_weight": gamma}),
@@ -170,7 +201,17 @@ def _first_step_grads(tmp_path, make_model, ds, gamma, ga, compute_loss_func=Non
         compute_loss_func=compute_loss_func,
     )
     trainer.train()
+    if logs is not None:
+        logs.extend(trainer.state.log_history)
     return grads
+
+
+def _orth_reg_grads(make_model) -> dict[str, torch.Tensor]:
+    """∇R for every adapter P at initialisation (what γ=1 must add to the first step's gradients)."""
+    fm = get_flexlora_model(make_model(), FlexLoRAConfig(**SCHED, total_steps=12))
+    fm.finalize_capacity(12)
+    fm.orth_reg().backward()
+    return {n: p.grad for n, p in fm.named_parameters() if "lora_P" in n}
 
 
 def _causal_loss(outputs, labels, num_items_in_batch=None):
@@ -190,14 +231,11 @@ def _causal_loss(outputs, labels, num_items_in_batch=None):
 )
 def test_orth_term_enters_each_optimizer_step_once(tmp_path, ga, case):
     # grad(γ=1) - grad(γ=0) at the first step must be exactly ∇R whatever GA / loss scaling the Trainer applies.
-    make, ds = (tiny_bert, cls_dataset()) if case == "bert_mean_loss" else (tiny_llama, lm_dataset())
+    make, ds = (trainer_bert, cls_dataset()) if case == "bert_mean_loss" else (trainer_llama, lm_dataset())
     fn = _causal_loss if case == "llama_compute_loss_func" else None
     g1 = _first_step_grads(tmp_path / "g1", make, ds, 1.0, ga, fn)
     g0 = _first_step_grads(tmp_path / "g0", make, ds, 0.0, ga, fn)
-    fm = get_flexlora_model(make(), FlexLoRAConfig(**SCHED, total_steps=12))
-    fm.finalize_capacity(12)
-    fm.orth_reg().backward()
-    expected = {n: p.grad for n, p in fm.named_parameters() if "lora_P" in n}
+    expected = _orth_reg_grads(make)
     assert expected.keys() == g1.keys()
     for n, grad in expected.items():
         torch.testing.assert_close(g1[n] - g0[n], grad, atol=2e-5, rtol=1e-3)
@@ -207,7 +245,7 @@ def test_trainer_subclass_with_callback_performs_events(tmp_path):
     class MyTrainer(Trainer):
         pass
 
-    fm = get_flexlora_model(tiny_bert(), FlexLoRAConfig(**SCHED, total_steps=24))
+    fm = get_flexlora_model(trainer_bert(), FlexLoRAConfig(**SCHED, total_steps=24))
     trainer = MyTrainer(
         model=fm, args=training_args(str(tmp_path)), train_dataset=cls_dataset(), callbacks=[FlexLoRACallback()]
     )
@@ -217,7 +255,7 @@ def test_trainer_subclass_with_callback_performs_events(tmp_path):
 
 
 def test_callback_without_capacity_fails_at_start(tmp_path):
-    fm = get_flexlora_model(tiny_bert(), FlexLoRAConfig(**SCHED))
+    fm = get_flexlora_model(trainer_bert(), FlexLoRAConfig(**SCHED))
     trainer = Trainer(
         model=fm, args=training_args(str(tmp_path)), train_dataset=cls_dataset(), callbacks=[FlexLoRACallback()]
     )
@@ -227,20 +265,29 @@ def test_callback_without_capacity_fails_at_start(tmp_path):
 
 def test_impossible_schedule_fails_at_train_start(tmp_path):
     with pytest.raises(ValueError, match="t_warmup \\+ t_final"):
-        _run(tiny_bert(), tmp_path, cls_dataset(), cfg_kwargs={"t_warmup": 12, "t_final": 12})
+        _run(trainer_bert(), tmp_path, cls_dataset(), cfg_kwargs={"t_warmup": 12, "t_final": 12})
     with pytest.raises(ValueError, match="no event"):
-        _run(tiny_bert(), tmp_path, cls_dataset(), cfg_kwargs={"delta_t": 50})
+        _run(trainer_bert(), tmp_path, cls_dataset(), cfg_kwargs={"delta_t": 50})
     with pytest.raises(ValueError, match="b0"):
-        _run(tiny_bert(), tmp_path, cls_dataset(), cfg_kwargs={"b0": 100})
+        _run(trainer_bert(), tmp_path, cls_dataset(), cfg_kwargs={"b0": 100})
 
 
 def test_orth_reg_applied_with_label_smoothing(tmp_path):
-    trainer = _run(tiny_bert(), tmp_path, cls_dataset(), label_smoothing_factor=0.1)
-    assert any("orth_reg" in e for e in trainer.state.log_history)
+    # With label smoothing the Trainer computes the loss itself (label_smoother) instead of the model. γ·R must still
+    # reach the gradients: grad(γ=1) - grad(γ=0) at the first step is exactly ∇R. And R is logged only when γ > 0.
+    logs1, logs0 = [], []
+    g1 = _first_step_grads(tmp_path / "g1", trainer_bert, cls_dataset(), 1.0, 1, logs=logs1, label_smoothing_factor=0.1)
+    g0 = _first_step_grads(tmp_path / "g0", trainer_bert, cls_dataset(), 0.0, 1, logs=logs0, label_smoothing_factor=0.1)
+    expected = _orth_reg_grads(trainer_bert)
+    assert expected.keys() == g1.keys()
+    for n, grad in expected.items():
+        torch.testing.assert_close(g1[n] - g0[n], grad, atol=2e-5, rtol=1e-3)
+    assert [("orth_reg" in e) for e in logs1 if "loss" in e] == [True, True, True]  # steps 4, 8, 12
+    assert [("orth_reg" in e) for e in logs0 if "loss" in e] == [False, False, False]
 
 
 def test_lambda_is_not_weight_decayed(tmp_path):
-    trainer = _run(tiny_bert(), tmp_path, cls_dataset(), weight_decay=0.1, max_steps=8, cfg_kwargs={"t_warmup": 2, "t_final": 2})
+    trainer = _run(trainer_bert(), tmp_path, cls_dataset(), weight_decay=0.1, max_steps=8, cfg_kwargs={"t_warmup": 2, "t_final": 2})
     opt = unwrap_optimizer(trainer.optimizer)
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for _, layer in trainer.flexlora_model.flexlora_layers():
@@ -250,13 +297,13 @@ def test_lambda_is_not_weight_decayed(tmp_path):
 
 def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
     cfg = dict(SCHED)
-    full = _run(tiny_llama(), tmp_path / "full", lm_dataset(), cfg_kwargs=cfg, save_strategy="steps", save_steps=8)
+    full = _run(trainer_llama(), tmp_path / "full", lm_dataset(), cfg_kwargs=cfg, save_strategy="steps", save_steps=8)
     ckpt = tmp_path / "full" / "checkpoint-8"
     assert (ckpt / "flexlora_config.json").is_file()
     assert (ckpt / "adapter_model.safetensors").is_file()
     assert not (ckpt / "model.safetensors").exists(), "checkpoints must hold the adapter, never the full base model"
     resumed = FlexLoRATrainer(
-        model=tiny_llama(),
+        model=trainer_llama(),
         args=training_args(str(tmp_path / "resumed"), save_strategy="no"),
         train_dataset=lm_dataset(),
         flexlora_config=FlexLoRAConfig(**cfg),
@@ -275,7 +322,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
 
 def test_bf16_autocast_run_performs_events(tmp_path):
     # CPU autocast (bf16=True) exercises the mixed-precision path; the adapter stays float32 (the master weights).
-    trainer = _run(tiny_llama(), tmp_path, lm_dataset(), bf16=True, max_steps=12, cfg_kwargs={"t_warmup": 2, "t_final": 2})
+    trainer = _run(trainer_llama(), tmp_path, lm_dataset(), bf16=True, max_steps=12, cfg_kwargs={"t_warmup": 2, "t_final": 2})
     fm = trainer.flexlora_model
     assert len(fm.rank_history) == 4
     assert all(layer.lora_P.dtype == torch.float32 for _, layer in fm.flexlora_layers())
@@ -285,7 +332,7 @@ def test_bf16_autocast_run_performs_events(tmp_path):
 @pytest.mark.parametrize("optim", ["paged_adamw_32bit", "sgd", "adamw_torch_fused"])
 def test_supported_optimizers_perform_events(tmp_path, optim):
     pytest.importorskip("bitsandbytes")
-    trainer = _run(tiny_bert(), tmp_path, cls_dataset(), optim=optim, max_steps=8, cfg_kwargs={"t_warmup": 2, "t_final": 2})
+    trainer = _run(trainer_bert(), tmp_path, cls_dataset(), optim=optim, max_steps=8, cfg_kwargs={"t_warmup": 2, "t_final": 2})
     assert len(trainer.flexlora_model.rank_history) == 2
 
 
@@ -293,7 +340,7 @@ def test_supported_optimizers_perform_events(tmp_path, optim):
 def test_unsupported_optimizers_fail_at_train_start(tmp_path, optim):
     pytest.importorskip("bitsandbytes")
     with pytest.raises(ValueError, match="adamw_torch"):
-        _run(tiny_bert(), tmp_path, cls_dataset(), optim=optim, max_steps=8, cfg_kwargs={"t_warmup": 2, "t_final": 2})
+        _run(trainer_bert(), tmp_path, cls_dataset(), optim=optim, max_steps=8, cfg_kwargs={"t_warmup": 2, "t_final": 2})
 
 
 def test_all_linear_skips_layers_inside_modules_to_save():

@@ -319,6 +319,8 @@ def restore(model: FlexLoRAModel, saved: SavedAdapter) -> None:
         parts = saved.modules[name]
         layer.set_capacity(saved.capacity[name])
         layer.load_compact(parts["P"], parts["lam"], parts["Q"], parts["slots"])
+        births = saved.raw_config.get("_slot_birth", {}).get(name, {})
+        layer.slot_birth = {int(s): int(b) for s, b in births.items() if int(s) < layer.rank}
     if saved.modules_to_save:
         _check_modules_to_save(model.get_base_model(), saved, adapted=True)
         targets = dict(_named_tensors(model.get_base_model()))

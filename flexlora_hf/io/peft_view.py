@@ -8,6 +8,11 @@ PEFT view (stock `PeftModel.from_pretrained(base, folder)`, no flexlora_hf neede
   `base_model.model.<path>.lora_B.weight` = P·diag(λ)·scaling (out, r); modules_to_save weights under
   `base_model.model.<param path>` (the names `get_peft_model_state_dict` writes in PEFT 0.21).
 
+`base_model_name_or_path` is the base config's `_name_or_path` (a Hub id, or the local folder it was loaded from,
+see [`is_local_path`]) unless the caller names the Hub id (`save_flexlora(..., model_card_kwargs={"base_model":
+...})`, `push_to_hub(..., base_model=...)`). [`pattern_order`] is the one rule for ordering exact-path pattern
+keys, shared with the rank-map transfer (`flexlora_hf.transfer`).
+
 peft is imported only inside [`peft_export`].
 """
 
@@ -15,8 +20,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -51,6 +57,21 @@ def base_model_name_or_path(base_model: nn.Module) -> str | None:
     return str(name) if name else None
 
 
+def is_local_path(name: str) -> bool:
+    """Whether a base model name is a path on this machine (an existing folder, or plainly a path) and not a Hub id.
+
+    A Hub id is `name` or `namespace/name`; anything absolute, starting with `.` or `~`, with more than one `/` or
+    with a backslash can only be a path.
+    """
+    return (
+        os.path.isdir(name)
+        or os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+    )
+
+
 def _jsonable(value: Any) -> Any:
     """PEFT config values as plain JSON (sets -> sorted lists, str enums -> their value)."""
     if isinstance(value, Mapping):
@@ -63,6 +84,15 @@ def _jsonable(value: Any) -> Any:
         return value.value
     return value
 
+
+def pattern_order(names: Iterable[str]) -> list[str]:
+    """Module paths in the order to list them as `rank_pattern` / `alpha_pattern` keys: deeper paths first.
+
+    PEFT matches a pattern key K against a module path M with `re.match(rf"(.*\\.)?({K})$", M)` and takes the
+    *first* matching key, so a path that is a `.`-suffix of another would capture it; a suffix always has fewer
+    components. The sort is stable, so model order is kept among paths of equal depth.
+    """
+    return sorted(names, key=lambda n: -n.count("."))
 
 
 def peft_export(model: FlexLoRAModel) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -114,10 +144,7 @@ def peft_export(model: FlexLoRAModel) -> tuple[dict[str, Any], dict[str, torch.T
         logger.warning("Every adapted module is at rank 0: the PEFT view has no LoRA layer and PEFT cannot load it.")
     counts = Counter(ranks.values())
     r = max(counts, key=lambda k: (counts[k], k)) if counts else cfg.r
-    # PEFT matches a pattern key K against a module path M with re.match(rf"(.*\.)?({K})$", M) and takes the *first*
-    # matching key, so a path that is a `.`-suffix of another would capture it: list deeper paths first (a suffix
-    # always has fewer components); the sort is stable, so model order is kept among paths of equal depth.
-    ordered = sorted(ranks, key=lambda n: -n.count("."))
+    ordered = pattern_order(ranks)
     modules_to_save = list(cfg.modules_to_save) if cfg.modules_to_save else None
     lora_config = LoraConfig(
         r=r,

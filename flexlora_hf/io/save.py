@@ -49,7 +49,8 @@ def save_flexlora(
         is_main_process (`bool`, *optional*, defaults to `True`): only the main process writes (distributed
             training calls this on every rank).
         model_card_kwargs (`dict`, *optional*): keyword arguments for `build_model_card` (`base_model`,
-            `datasets`, `metrics`, `eval_results`, `training_args`, `pipeline_tag`, `repo_id`).
+            `datasets`, `metrics`, `eval_results`, `training_args`, `pipeline_tag`, `repo_id`). `base_model` (a Hub
+            id) also becomes `base_model_name_or_path` in `adapter_config.json` and `flexlora_config.json`.
 
     Raises:
         ValueError: `safe_serialization=False`, or `save_directory` is an existing file.
@@ -73,6 +74,11 @@ def save_flexlora(
     # bytes (the Hub then skips a re-upload). The version is in flexlora_config.json.
     write_safetensors(os.path.join(save_directory, FLEXLORA_WEIGHTS_NAME), tensors, {"format": "pt"})
     peft_config, peft_tensors = peft_export(model)
+    # A base model named by the caller (its Hub id, e.g. when it was loaded from a local folder) wins over the path
+    # its config remembers, in the PEFT view and in the native config alike.
+    named_base = (model_card_kwargs or {}).get("base_model")
+    if named_base:
+        peft_config["base_model_name_or_path"] = str(named_base)
     write_safetensors(os.path.join(save_directory, PEFT_WEIGHTS_NAME), peft_tensors, {"format": "pt"})
     write_json(os.path.join(save_directory, PEFT_CONFIG_NAME), peft_config)
 
@@ -81,7 +87,9 @@ def save_flexlora(
     config = model.flexlora_config.to_dict()
     config["_capacity"] = model.rank_caps()
     config["_capacity_final"] = bool(getattr(model, "capacity_final", True))
-    config["_base_model_name_or_path"] = base_model_name_or_path(base)
+    # optimizer step at which each young direction started (per-direction Adam correction, exact resume)
+    config["_slot_birth"] = {n: {str(s): b for s, b in sorted(la.slot_birth.items())} for n, la in model.flexlora_layers() if la.slot_birth}
+    config["_base_model_name_or_path"] = str(named_base) if named_base else base_model_name_or_path(base)
     config["_flexlora_hf_version"] = __version__
     write_json(os.path.join(save_directory, FLEXLORA_CONFIG_NAME), config)
 

@@ -1,0 +1,124 @@
+"""Per-direction Adam bias correction for directions that start mid-training (`adam_reset="slot_age"`).
+
+Why: torch's AdamW keeps one step counter per parameter *tensor*. A direction activated at step t_e gets zeroed
+moments (`optim_surgery.reset_slots`) but inherits the tensor's large counter, so Adam applies no bias correction to
+it: under a constant gradient its k-th update is (1 - β1^k) / sqrt(1 - β2^k) x lr, i.e. 3.2x lr at k = 1, 6.6x at
+k = 12 and still 2x at k = 300 (default betas). A fresh Adam would take 1x lr steps.
+
+What: optimizer step hooks (`register_step_pre_hook` / `register_step_post_hook`, so the Trainer, accelerate and
+plain loops are all covered) rescale the update of each young slot slice by
+
+    c(k, t) = [sqrt(1 - β2^k) / (1 - β1^k)] / [sqrt(1 - β2^t) / (1 - β1^t)]
+
+where k is the slot's own age in optimizer steps and t the tensor's step count: the slot then moves exactly as under
+a fresh Adam (up to ε), and every other slice is untouched. A slot is dropped once |c - 1| < `tol`. Decoupled weight
+decay is scaled with the update (λ has none; P and Q rarely do). Each layer owns its slots' birth steps
+(`FlexLoRALayer.slot_birth`, saved with the adapter so resume is exact); ages are counted on the host, so the hooks
+never synchronise with the device. Cost: two small gathers and one scatter per young slot tensor per step, and only
+while some direction is young.
+
+Optimizers without Adam's `betas` (SGD) get no hooks: their steps do not depend on a step counter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layer import FlexLoRALayer
+from .optim_surgery import unwrap_optimizer
+
+_ATTR = "_flexlora_slot_age"
+
+
+def correction(k: int, t: int, beta1: float, beta2: float) -> float:
+    """c(k, t): the factor that turns a tensor-level Adam update at tensor step t into a fresh-Adam update at age k."""
+    fresh = math.sqrt(1.0 - beta2**k) / (1.0 - beta1**k)
+    shared = math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+    return fresh / shared
+
+
+class SlotAgeCorrection:
+    """The two step hooks of one optimizer that correct the updates of young slots (`FlexLoRALayer.slot_birth`).
+
+    Use [`SlotAgeCorrection.attach`]; `FlexLoRAModel.apply_plan` calls it at every event, the Trainer callback at
+    train start (resume: births are saved with the adapter).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, step: int, layers: Iterable[FlexLoRALayer], tol: float) -> None:
+        self.optimizer = optimizer
+        self.step = int(step)  # optimizer steps completed (host counter: the hooks never read device state)
+        self.layers = list(layers)
+        self.tol = tol
+        self._betas: dict[int, tuple[float, float]] = {
+            id(p): (float(g["betas"][0]), float(g["betas"][1])) for g in optimizer.param_groups for p in g["params"]
+        }
+        self._before: list[tuple[FlexLoRALayer, list[int], list[tuple[nn.Parameter, int, torch.Tensor]]]] = []
+        self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
+
+    @classmethod
+    def attach(
+        cls, optimizer: Any, step: int, layers: Iterable[FlexLoRALayer], tol: float = 1e-3
+    ) -> SlotAgeCorrection | None:
+        """The correction of `optimizer` (created on first use, re-synchronised to `step` after), or `None` for
+        optimizers without Adam's betas."""
+        opt = unwrap_optimizer(optimizer)
+        if not all("betas" in g for g in opt.param_groups):
+            return None
+        existing: SlotAgeCorrection | None = getattr(opt, _ATTR, None)
+        if existing is not None:
+            existing.step = int(step)
+            existing.layers = list(layers)
+            return existing
+        corr = cls(opt, step, layers, tol)
+        setattr(opt, _ATTR, corr)
+        return corr
+
+    def __len__(self) -> int:
+        """Number of young directions being corrected."""
+        return sum(len(layer.slot_birth) for layer in self.layers)
+
+    # ------------------------------------------------------------------ hooks
+    @torch.no_grad()
+    def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._before = []
+        for layer in self.layers:
+            if not layer.slot_birth:
+                continue
+            slots = sorted(layer.slot_birth)
+            snaps = []
+            for param, dim in ((layer.lora_P, 1), (layer.lora_lam, 0), (layer.lora_Q, 0)):
+                if id(param) in self._betas:
+                    idx = torch.tensor(slots, device=param.device)
+                    snaps.append((param, dim, param.detach().index_select(dim, idx)))  # young slices before the step
+            self._before.append((layer, slots, snaps))
+
+    @torch.no_grad()
+    def _post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self.step += 1
+        for layer, slots, snaps in self._before:
+            for param, dim, before in snaps:
+                beta1, beta2 = self._betas[id(param)]
+                factors = [correction(self.step - layer.slot_birth[s], self.step, beta1, beta2) for s in slots]
+                shape = [1] * param.dim()
+                shape[dim] = len(slots)
+                c = torch.tensor(factors, dtype=param.dtype).view(shape).to(param.device, non_blocking=True)
+                idx = torch.tensor(slots, device=param.device)
+                after = param.detach().index_select(dim, idx)
+                param.data.index_copy_(dim, idx, before + c * (after - before))
+            beta1, beta2 = self._betas.get(id(layer.lora_lam), (0.9, 0.999))
+            for s in slots:  # old enough: a fresh Adam and the shared counter now agree
+                if abs(correction(self.step - layer.slot_birth[s], self.step, beta1, beta2) - 1.0) < self.tol:
+                    del layer.slot_birth[s]
+        self._before = []
+
+    def remove(self) -> None:
+        """Unregister the hooks (the optimizer then behaves like plain Adam again)."""
+        for handle in self._handles:
+            handle.remove()
+        if getattr(self.optimizer, _ATTR, None) is self:
+            delattr(self.optimizer, _ATTR)
