@@ -38,7 +38,7 @@ _EXPORTS: dict[str, str] = {
     "load_adapter_into": "io.native",
     "load_flexlora": "model",
     "load_base_model": "quantization",
-    "load_peft_view": "transfer",
+    "load_peft_view": "warm_start",
     "lora_config_from_pretrained": "transfer",
     "lora_config_from_rank_map": "transfer",
     "plan_reallocation": "allocation",
@@ -119,4 +119,5 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .quantization import guard_bnb_cpu, load_base_model
     from .schedule import budget_at, event_steps, is_event_step
     from .trainer import FlexLoRACallback, FlexLoRATrainer, FlexLoRATrainerMixin
-    from .transfer import load_peft_view, lora_config_from_pretrained, lora_config_from_rank_map, to_lora_config
+    from .transfer import lora_config_from_pretrained, lora_config_from_rank_map, to_lora_config
+    from .warm_start import load_peft_view

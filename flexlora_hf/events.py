@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .allocation import plan_reallocation
+from .allocation import ReallocationPlan, plan_reallocation
 from .config import FlexLoRAConfig
 from .schedule import budget_at, event_steps, is_event_step
 
@@ -37,6 +37,7 @@ def run_event(model: FlexLoRAModel, b: int, step: int, optimizer: Any = None) ->
     plan = plan_reallocation(
         scores, model.rank_map(), b, min_rank=cfg.min_rank, max_rank=model.rank_caps(), allocation=cfg.allocation
     )
+    plan = agree_across_processes(plan)
     model.apply_plan(plan, optimizer, step=step)
     record: dict[str, Any] = {
         "step": step,
@@ -56,6 +57,22 @@ def run_event(model: FlexLoRAModel, b: int, step: int, optimizer: Any = None) ->
         sum(record["ranks"].values()),
     )
     return record
+
+
+def agree_across_processes(plan: ReallocationPlan) -> ReallocationPlan:
+    """In a multi-process run, every process applies the plan of process 0 (a no-op on one process).
+
+    Each process computes its scores from its own float sums; a last-bit difference could split the plans while the
+    processes keep training "together" (DDP would even broadcast buffers from process 0), a silent divergence. Rank 0
+    decides and broadcasts (one small collective per event; events are rare). Needs the default process group.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return plan
+    box: list[Any] = [plan]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def update_and_allocate(model: FlexLoRAModel, global_step: int, optimizer: Any = None) -> dict[str, Any] | None:

@@ -181,8 +181,8 @@ class FlexLoRALayer(nn.Module):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         r = self._rank
-        if self.disabled or self.merged or r == 0:
-            return result
+        if self.disabled or self.merged or (r == 0 and not (self.training and torch.is_grad_enabled())):
+            return result  # (a rank-0 module still runs its empty path in training: DDP expects every parameter)
         h = self.lora_dropout(x)
         if not torch.is_autocast_enabled(h.device.type):
             h = h.to(self.lora_Q.dtype)

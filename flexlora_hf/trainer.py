@@ -18,6 +18,7 @@ chosen at t.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from typing import Any
@@ -134,14 +135,22 @@ class FlexLoRATrainerMixin:
             self.flexlora_callback = FlexLoRACallback()
             callbacks.append(self.flexlora_callback)
         kwargs["callbacks"] = callbacks
-        self._orth_sum = 0.0
+        # The orthogonality value for logging is summed on the device and read when the Trainer logs: reading it
+        # every micro-batch (float(...)) would add a host sync to every step.
+        self._orth_sum: torch.Tensor | None = None
         self._orth_count = 0
-        super().__init__(*args, **kwargs)
-        targs = self.args  # type: ignore[attr-defined]
-        if targs.ddp_find_unused_parameters is None and not targs.gradient_checkpointing:
-            # Trainer defaults to True for non-PreTrainedModel wrappers; every adapter slot is in the graph (masked
-            # slots too), so the extra autograd traversal is pure cost.
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if targs is not None and targs.ddp_find_unused_parameters is None and not targs.gradient_checkpointing:
+            # Every adapter parameter is in the graph (the active prefix is a view of it), so DDP's search for
+            # unused parameters is pure cost. Set on a copy, before the parent builds the accelerator (transformers
+            # 5 reads it there); the caller's TrainingArguments object is never modified.
+            targs = copy.copy(targs)
             targs.ddp_find_unused_parameters = False
+            if "args" in kwargs or len(args) <= 1:
+                kwargs["args"] = targs
+            else:
+                args = (args[0], targs, *args[2:])
+        super().__init__(*args, **kwargs)
 
     @property
     def flexlora_model(self) -> FlexLoRAModel:
@@ -178,7 +187,8 @@ class FlexLoRATrainerMixin:
         if gamma <= 0 or not model.training:
             return out
         reg = fm.orth_reg()
-        self._orth_sum += float(reg.detach())
+        value = reg.detach()
+        self._orth_sum = value if self._orth_sum is None else self._orth_sum + value
         self._orth_count += 1
         # Mirror Trainer.training_step: when the task loss is already normalised for gradient accumulation (it
         # was divided by num_items_in_batch of the whole step) the Trainer will not divide by GA steps, so we do
@@ -205,9 +215,9 @@ class FlexLoRATrainerMixin:
     # -------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:
-            if self._orth_count:
-                logs["orth_reg"] = round(self._orth_sum / self._orth_count, 6)
-                self._orth_sum, self._orth_count = 0.0, 0
+            if self._orth_count and self._orth_sum is not None:
+                logs["orth_reg"] = round(float(self._orth_sum) / self._orth_count, 6)  # the one sync, at log time
+                self._orth_sum, self._orth_count = None, 0
             assert self.flexlora_callback is not None
             logs.update(self.flexlora_callback.pending_logs)
             self.flexlora_callback.pending_logs = {}

@@ -11,15 +11,30 @@ import torch
 from safetensors.torch import load_file
 
 
-def test_two_process_run_agrees_across_ranks(tmp_path):
+def _torchrun(tmp_path, *extra: str) -> list[dict]:
     script = os.path.join(os.path.dirname(__file__), "ddp_train.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
-    proc = subprocess.run([*cmd, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*cmd, str(tmp_path), *extra], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    meta = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_processes_apply_process_zeros_plan_even_when_they_disagree(tmp_path):
+    meta = _torchrun(tmp_path, "disagree")
+    local = meta[1]["local_plan"]  # what process 1 would have done from its own (perturbed) numbers
+    applied = next(e for e in meta[1]["history"] if e["step"] == 4)
+    assert local is not None and (local["prune"], local["expand"]) != (applied["prune"], applied["expand"])
+    assert meta[0]["history"] == meta[1]["history"]  # both applied process 0's plan
+    assert meta[0]["ranks"] == meta[1]["ranks"]
+
+
+def test_two_process_run_agrees_across_ranks(tmp_path):
+    meta = _torchrun(tmp_path)
     assert meta[0]["world"] == meta[1]["world"] == 2
     assert meta[0]["events"] == meta[1]["events"] == 3
+    assert meta[0]["ddp"] == "DistributedDataParallel"
+    assert meta[0]["find_unused_parameters"] is False  # set before the accelerator was built
     assert meta[0]["ranks"] == meta[1]["ranks"]
     assert meta[0]["ranks"] != {n: 4 for n in meta[0]["ranks"]}
     a, b = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))

@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import logits, tiny_llama, trained
 from hub_stub import LocalHub, use_local_hub
-from hub_stub import local_hub as local_hub_fixture  # noqa: F401
 from huggingface_hub import HfApi, hf_hub_download, list_repo_files
 from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 from peft import PeftModel
-from test_serialization import logits, tiny_llama, trained
 from transformers import LlamaForCausalLM
 
 from flexlora_hf import FlexLoRAModel, save_flexlora

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import logits, tiny_bert, tiny_gpt2, tiny_llama, trained
 from hub_stub import LocalHub
-from hub_stub import local_hub as local_hub_fixture  # noqa: F401
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from test_serialization import logits, tiny_bert, tiny_gpt2, tiny_llama, trained
 
 from flexlora_hf import (
     FlexLoRAModel,
