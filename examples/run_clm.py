@@ -24,6 +24,10 @@ Example (offline, real model; SmolLM2-135M is a Llama model, the paper adapts Q,
 
 from __future__ import annotations
 
+# isort: off
+import flexlora_hf  # noqa: F401  -- first: drops bitsandbytes' "pip install kernels" hint (see flexlora_hf/_logging.py)
+# isort: on
+
 import logging
 import math
 import os

@@ -280,8 +280,10 @@ class FlexLoRAModel(nn.Module):
         Args:
             base_model (`nn.Module`): a fresh base model of the architecture the adapter was trained on.
             path_or_repo_id (`str` or `os.PathLike`): folder written by `save_pretrained`, or a Hub repo id.
-            is_trainable (`bool`, *optional*, defaults to `False`): if `False` every parameter is frozen and the
-                model is put in eval mode; if `True` the adapter and `modules_to_save` are trainable.
+            is_trainable (`bool`, *optional*, defaults to `False`): if `False` every parameter is frozen, the model
+                is put in eval mode and each layer holds exactly its active directions (no spare slots: unmerged
+                inference costs what a PEFT LoRA of the same ranks costs); if `True` the adapter and
+                `modules_to_save` are trainable and the saved slot capacity is restored.
             revision (`str`, *optional*): branch, tag or commit of the Hub repo.
             token (`str` or `bool`, *optional*): Hub token for private repos (never written anywhere).
             config_overrides (`dict`, *optional*): `FlexLoRAConfig` fields to change (e.g. a new `total_steps`).
@@ -307,6 +309,8 @@ class FlexLoRAModel(nn.Module):
             raise ValueError(f"load_flexlora: the base model adapted unexpected modules {unexpected[:5]}.")
         model.flexlora_config.target_modules = config.target_modules
         model.flexlora_config.max_rank = config.max_rank
+        if not is_trainable:  # inference: exactly the active directions, no training capacity (costs what LoRA costs)
+            saved.capacity = {name: int(parts["lam"].shape[0]) for name, parts in saved.modules.items()}
         restore(model, saved)
         if not is_trainable:
             for p in model.parameters():

@@ -108,18 +108,24 @@ def test_folder_holds_both_views_and_no_temp_files(llama_dir: tuple[FlexLoRAMode
 def test_native_round_trip_is_exact(llama_dir: tuple[FlexLoRAModel, Path]) -> None:
     fm, path = llama_dir
     assert len(set(fm.rank_map().values())) > 1, "the fixture must have moved ranks"
-    loaded = load_flexlora(tiny_llama(), path)
-    assert torch.equal(logits(loaded), logits(fm))
-    assert loaded.rank_map() == fm.rank_map()
-    assert loaded.rank_caps() == fm.rank_caps()
-    assert loaded.rank_history == fm.rank_history
-    assert loaded.flexlora_config.to_dict() == fm.flexlora_config.to_dict()
     saved = dict(fm.flexlora_layers())
-    for name, layer in loaded.flexlora_layers():
-        ref = saved[name]
-        assert layer.active_slots().tolist() == ref.active_slots().tolist()
-        for attr in ("lora_P", "lora_lam", "lora_Q", "lora_active"):
-            assert torch.equal(getattr(layer, attr), getattr(ref, attr)), (name, attr)
+    for trainable in (True, False):
+        loaded = load_flexlora(tiny_llama(), path, is_trainable=trainable)
+        assert torch.equal(logits(loaded), logits(fm))
+        assert loaded.rank_map() == fm.rank_map()
+        # training keeps the saved slot capacity; inference holds exactly the active directions (no spare slots)
+        assert loaded.rank_caps() == (fm.rank_caps() if trainable else fm.rank_map())
+        assert loaded.rank_history == fm.rank_history
+        assert loaded.flexlora_config.to_dict() == fm.flexlora_config.to_dict()
+        for name, layer in loaded.flexlora_layers():
+            ref = saved[name]
+            assert layer.active_slots().tolist() == ref.active_slots().tolist()
+            r = ref.rank
+            assert torch.equal(layer.lora_P[:, :r], ref.lora_P[:, :r]) and torch.equal(layer.lora_Q[:r], ref.lora_Q[:r])
+            assert torch.equal(layer.lora_lam[:r], ref.lora_lam[:r])
+            if trainable:
+                for attr in ("lora_P", "lora_lam", "lora_Q", "lora_active"):
+                    assert torch.equal(getattr(layer, attr), getattr(ref, attr)), (name, attr)
     # Inference by default: nothing trainable, eval mode.
     assert not any(p.requires_grad for p in loaded.parameters())
     assert not loaded.training

@@ -177,3 +177,14 @@ def test_no_package_module_over_400_lines() -> None:
 def test_every_module_opens_with_a_docstring() -> None:
     missing = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if not ast.get_docstring(ast.parse(p.read_text()))]
     assert not missing, missing
+
+
+@pytest.mark.parametrize(
+    "script",
+    ["run_glue.py", "run_clm.py", "run_image_classification.py", "commonsense/finetune.py", "accelerate_loop.py"],
+)
+def test_example_scripts_print_no_install_hint(script: str) -> None:
+    path = PACKAGE.parent / "examples" / script
+    out = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "pip install kernels" not in out.stdout + out.stderr

@@ -25,6 +25,10 @@ flexlora_hf (one flag per `FlexLoRAConfig` field: `--r`, `--target_modules q_pro
 
 from __future__ import annotations
 
+# isort: off
+import flexlora_hf  # noqa: F401  -- first: drops bitsandbytes' "pip install kernels" hint (see flexlora_hf/_logging.py)
+# isort: on
+
 import json
 import logging
 import os
