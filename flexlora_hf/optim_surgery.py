@@ -122,7 +122,7 @@ def _slot_states(opt: torch.optim.Optimizer, layer: FlexLoRALayer) -> list[tuple
         for key, value in state.items():
             if not torch.is_tensor(value) or value.dim() == 0:
                 continue  # step counters and scalars are per tensor; see the module docstring
-            if value.shape != param.shape or not value.is_floating_point():
+            if type(value) is not torch.Tensor or value.shape != param.shape or not value.is_floating_point():
                 raise UnsupportedOptimizerError(
                     f"Optimizer state {key!r} of {type(opt).__name__} has shape {tuple(value.shape)} and dtype "
                     f"{value.dtype} for a parameter of shape {tuple(param.shape)}: FlexLoRA cannot reset it per "
@@ -130,6 +130,14 @@ def _slot_states(opt: torch.optim.Optimizer, layer: FlexLoRALayer) -> list[tuple
                 )
             out.append((value, dim, key))
     return out
+
+
+def check_state_layout(optimizer: Any, layers: Iterable[FlexLoRALayer]) -> None:
+    """Raise `UnsupportedOptimizerError` unless every per-element state of the adapters is a plain float tensor
+    shaped like its parameter (what per-direction resets and moves need). Call it after the first step."""
+    opt = unwrap_optimizer(optimizer)
+    for layer in layers:
+        _slot_states(opt, layer)
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ from .constants import CONFIG_NAME
 from .events import event_logs, update_and_allocate, validate_schedule
 from .io.history import write_rank_history
 from .model import FlexLoRAModel, get_flexlora_model
-from .optim_surgery import check_optimizer_supported, split_lambda_group
+from .optim_surgery import check_optimizer_supported, check_state_layout, split_lambda_group
 from .slot_age import SlotAgeCorrection
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ class FlexLoRACallback(TrainerCallback):
 
     def __init__(self) -> None:
         self.pending_logs: dict[str, float] = {}
+        self.with_mixin = False  # set by FlexLoRATrainerMixin, which adds the orthogonality term to the loss
+        self._checked_state = False
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -84,7 +86,16 @@ class FlexLoRACallback(TrainerCallback):
                 "FlexLoRATrainerMixin). Pass total_steps or max_rank in FlexLoRAConfig, or call "
                 "model.finalize_capacity(max_steps) before creating the Trainer."
             )
+        check_distributed_engine(args)
         validate_schedule(cfg, n_modules=len(fm.module_names))
+        if not self.with_mixin and cfg.orth_reg_weight > 0:
+            logger.warning(
+                "FlexLoRACallback is used without FlexLoRATrainerMixin, so the orthogonality term of eq. 2 "
+                "(orth_reg_weight=%g) is NOT added to the loss. Use FlexLoRATrainer, or mix FlexLoRATrainerMixin into "
+                "your Trainer (class MyTrainer(FlexLoRATrainerMixin, MyTrainer)), or set orth_reg_weight=0 to train "
+                "without it on purpose.",
+                cfg.orth_reg_weight,
+            )
         optimizer = kwargs.get("optimizer")
         if optimizer is not None:
             check_optimizer_supported(optimizer)
@@ -93,7 +104,13 @@ class FlexLoRACallback(TrainerCallback):
                 SlotAgeCorrection.attach(optimizer, state.global_step, [layer for _, layer in fm.flexlora_layers()])
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        record = update_and_allocate(unwrap_flexlora(kwargs["model"]), state.global_step, kwargs.get("optimizer"))
+        fm = unwrap_flexlora(kwargs["model"])
+        if not self._checked_state and kwargs.get("optimizer") is not None:
+            # After the first step the optimizer state exists: refuse layouts FlexLoRA cannot reset per direction
+            # (quantised or tensor-subclass states, e.g. torchao's low-bit AdamW) before any event relies on it.
+            check_state_layout(kwargs["optimizer"], [layer for _, layer in fm.flexlora_layers()])
+            self._checked_state = True
+        record = update_and_allocate(fm, state.global_step, kwargs.get("optimizer"))
         if record is not None:
             self.pending_logs = event_logs(record)
 
@@ -102,6 +119,22 @@ class FlexLoRACallback(TrainerCallback):
             return
         fm = unwrap_flexlora(kwargs["model"])
         write_rank_history(fm, args.output_dir or ".")
+
+
+def check_distributed_engine(args: TrainingArguments) -> None:
+    """Refuse FSDP and DeepSpeed clearly at train start (never silently wrong).
+
+    Both shard parameters and optimizer states (FSDP2 along dim 0, i.e. across the slot dimension of λ and Q; FSDP1
+    and ZeRO into flat buffers), so scoring, slot moves and per-direction optimizer resets would act on shards.
+    """
+    engine = "FSDP" if getattr(args, "fsdp", None) else "DeepSpeed" if getattr(args, "deepspeed", None) else None
+    if engine:
+        raise ValueError(
+            f"FlexLoRA does not support {engine} yet: it shards the adapter's parameters and optimizer states, and "
+            "rank reallocation needs whole λ vectors and per-direction optimizer state. Use DDP (torchrun / "
+            "accelerate launch without an FSDP or DeepSpeed config): adapter training on a 4-bit base "
+            "(load_base_model(..., load_in_4bit=True)) fits LLaMA3-8B on one GPU per process."
+        )
 
 
 class FlexLoRATrainerMixin:
@@ -134,6 +167,7 @@ class FlexLoRATrainerMixin:
         if self.flexlora_callback is None:
             self.flexlora_callback = FlexLoRACallback()
             callbacks.append(self.flexlora_callback)
+        self.flexlora_callback.with_mixin = True
         kwargs["callbacks"] = callbacks
         # The orthogonality value for logging is summed on the device and read when the Trainer logs: reading it
         # every micro-batch (float(...)) would add a host sync to every step.
@@ -250,7 +284,20 @@ class FlexLoRATrainerMixin:
         if best is None:
             return
         logger.info("Loading best FlexLoRA adapter from %s (score: %s).", best, self.state.best_metric)  # type: ignore[attr-defined]
+        fm = self.flexlora_model
+        history = list(fm.rank_history)  # the checkpoint's history stops at its step: keep every event of the run
         self._load_from_checkpoint(best)
+        fm.rank_history = history + [
+            {
+                "step": self.state.global_step,  # type: ignore[attr-defined]
+                "budget": 0,
+                "prune": [],
+                "expand": [],
+                "scores": {},
+                "ranks": fm.rank_map(),
+                "loaded_best_model_checkpoint": best,
+            }
+        ]
 
     # -------------------------------------------------------------- Hub
     def push_to_hub(
