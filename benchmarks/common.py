@@ -215,8 +215,25 @@ def tiny_llama_config() -> Any:
     )
 
 
+def smollm2_shaped_config() -> Any:
+    """SmolLM2-135M's architecture (30 layers, hidden 576, GQA 9/3, vocab 49152), for random weights: no download."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+
+
 def load_causal_lm(name: str, *, device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-    """``tiny`` (random Llama from `tiny_llama_config`) or ``smollm2`` (SmolLM2-135M from `flexlora_hf.data.assets`)."""
+    """``tiny`` (random Llama from `tiny_llama_config`), ``smollm2`` (SmolLM2-135M from `flexlora_hf.data.assets`)
+    or ``smollm2-random`` (the same architecture with random weights)."""
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -226,8 +243,10 @@ def load_causal_lm(name: str, *, device: torch.device, dtype: torch.dtype = torc
         from flexlora_hf.data.assets import materialize_smollm2
 
         model = AutoModelForCausalLM.from_pretrained(materialize_smollm2(), dtype=dtype)
+    elif name == "smollm2-random":
+        model = LlamaForCausalLM(smollm2_shaped_config()).to(dtype)
     else:
-        raise ValueError(f"Unknown model {name!r}; choose tiny or smollm2.")
+        raise ValueError(f"Unknown model {name!r}; choose tiny, smollm2 or smollm2-random.")
     model.config.use_cache = False
     return model.to(device)
 
@@ -248,9 +267,10 @@ def random_batch(vocab_size: int, batch_size: int, seq_len: int, *, device: torc
 class AdapterSpec:
     """Everything that defines the three adapters and their schedules for one benchmark.
 
-    ``first_event_after`` untimed warm-up steps come first; every optimizer step after them is a reallocation step
-    for FlexLoRA (``delta_t = 1``, constant budget ``b0``) and a masking step for AdaLoRA (``deltaT = 1``): the
-    worst case for both, so their bookkeeping is fully inside the timed window.
+    ``first_event_after`` untimed warm-up steps come first; after them FlexLoRA reallocates every
+    ``flexlora_every`` steps (1: every step, the worst case; 0: never, the steady-state step a real schedule with
+    Δ_T = 100-1000 pays between events) and AdaLoRA masks every step (``deltaT = 1``: its own recipe calls
+    ``update_and_allocate`` after every step).
     """
 
     r: int = 8
@@ -262,6 +282,7 @@ class AdapterSpec:
     orth_reg_weight: float = 0.1
     first_event_after: int = 1
     total_steps: int = 10
+    flexlora_every: int = 1  # FlexLoRA event every this many steps after the warm-up (0: none in the timed window)
     adalora_init_r: int | None = None  # default r
     adalora_target_r: int | None = None  # default r - 1 (PEFT cannot run target_r == init_r, see docs)
     task_type: str = "CAUSAL_LM"
@@ -286,7 +307,7 @@ def flexlora_config(spec: AdapterSpec) -> Any:
         b0=spec.b0,
         t_warmup=spec.first_event_after,
         t_final=0,
-        delta_t=1,
+        delta_t=spec.flexlora_every or spec.total_steps + 1,
         total_steps=spec.total_steps,
         schedule="constant",
         orth_reg_weight=spec.orth_reg_weight,

@@ -68,6 +68,7 @@ _TIME_KEYS = ("step_s", "cpu_s", "alloc_s", "alloc_cpu_s")
 DEFAULTS = {
     "tiny": {"repeats": 5, "steps": 4, "batch_size": 4, "seq_len": 64},
     "smollm2": {"repeats": 3, "steps": 3, "batch_size": 8, "seq_len": 128},
+    "smollm2-random": {"repeats": 3, "steps": 3, "batch_size": 8, "seq_len": 128},
 }
 
 
@@ -81,6 +82,7 @@ def _spec(args: argparse.Namespace) -> AdapterSpec:
         adalora_init_r=args.adalora_init_r,
         adalora_target_r=args.adalora_target_r,
         lora_dropout=args.dropout,
+        flexlora_every=args.flexlora_every,
     )
 
 
@@ -222,6 +224,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--r", type=int, default=8, help="Rank (LoRA r, FlexLoRA r, AdaLoRA init_r).")
     p.add_argument("--capacity-extra", type=int, default=21, help="FlexLoRA slots per matrix beyond r.")
     p.add_argument("--b0", type=int, default=4)
+    p.add_argument("--flexlora-every", type=int, default=1,
+                   help="FlexLoRA event every N timed steps (1: every step, the worst case; 0: none, the steady state).")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--adalora-init-r", type=int, default=None, help="Default: r.")
     p.add_argument("--adalora-target-r", type=int, default=None, help="Default: init_r - 1.")

@@ -14,6 +14,9 @@ Rules (bidirectional, the paper's default):
   conserved exactly (``len(prune) == len(expand)``); with few modules fewer than ``b`` pairs may be possible.
   (The paper says "identify the b least / most important"; it does not say what happens when those sets overlap.)
 * ``prune_only`` / ``expand_only`` (Table 5 ablations) take up to ``b`` from one end and do not conserve the total.
+* A budget larger than the moves available is clamped, as the paper clamps b(t) to the modules available (§4.2):
+  at most ⌊n/2⌋ pairs (bidirectional) or n moves (one-sided) for n matrices, fewer when ranks sit at their bounds.
+  `FlexLoRAConfig.validate(n_modules=...)` warns once when b0 exceeds that; the plan's `budget` keeps the b asked.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import ALLOCATIONS
+from .config import ALLOCATIONS, is_integer
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,8 @@ def plan_reallocation(
     Args:
         scores (`Mapping[str, float]`): module path -> importance (higher = more important). Must be finite.
         ranks (`Mapping[str, int]`): module path -> current active rank; same keys as `scores`.
-        b (`int`): budget b(t) for this event (number of prunes and of expansions, at most).
+        b (`int`): budget b(t) for this event (number of prunes and of expansions, at most); a b larger than the
+            moves available is clamped (see the module docstring).
         min_rank (`int`): no matrix goes below this rank.
         max_rank (`int` or `Mapping[str, int]`): per-module cap; no matrix goes above it.
         allocation (`str`): `"bidirectional"`, `"prune_only"` or `"expand_only"`.
@@ -79,8 +83,8 @@ def plan_reallocation(
     bad = [n for n, s in scores.items() if not math.isfinite(float(s))]
     if bad:
         raise ValueError(f"plan_reallocation: non-finite importance for {bad[:5]}; scores must be finite.")
-    if b < 0:
-        raise ValueError(f"plan_reallocation: budget b={b} must be >= 0.")
+    if not is_integer(b) or b < 0:
+        raise ValueError(f"plan_reallocation: budget b={b!r} must be an integer >= 0.")
 
     order = sorted(scores, key=lambda n: (float(scores[n]), n))  # ascending importance, ties by name
     prunable = [n for n in order if ranks[n] > min_rank]

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
+import numbers
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .constants import CONFIG_NAME
+
+logger = logging.getLogger(__name__)
 
 IMPORTANCE_METRICS = ("entropy", "nuclear", "frobenius", "elem_energy_entropy", "mat_energy_entropy")
 ALLOCATIONS = ("bidirectional", "prune_only", "expand_only")
@@ -25,8 +31,44 @@ ADAM_RESETS = ("slot_age", "shared_step")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"FlexLoRAConfig.{name}={value!r} is not supported; choose one of {', '.join(choices)}.")
+
+
+def is_integer(value: Any) -> bool:
+    """An integer that is not a bool (Python or NumPy ints; `True` and `100.0` are not integers here)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_integer(name: str, value: Any, minimum: int | None, fix: str) -> None:
+    if not is_integer(value) or (minimum is not None and value < minimum):
+        # A float such as 100.0 (a hand-edited JSON file) would break the event grid's range() and slot arithmetic.
+        hint = f" Write {name}={int(value)}." if isinstance(value, float) and value.is_integer() else ""
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"FlexLoRAConfig.{name}={value!r} must be an integer{bound} ({fix}).{hint}")
+
+
+def _check_real(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"FlexLoRAConfig.{name}={value!r} must be a finite number (got {type(value).__name__}).")
+
+
+# Integer fields: (name, minimum, how to fix); total_steps may also be None.
+_INTEGER_FIELDS = (
+    ("r", 1, "e.g. r=8"),
+    ("b0", 0, "paper uses 4"),
+    ("t_warmup", 0, "e.g. 500"),
+    ("t_final", 0, "e.g. 500"),
+    ("delta_t", 1, "e.g. 100"),
+    ("total_steps", 1, "or None to take the Trainer's max_steps"),
+    ("seed", None, "e.g. seed=0"),
+)
+_REAL_FIELDS = (
+    "lora_alpha", "lora_dropout", "orth_reg_weight", "lam_lr_ratio", "init_scale", "small_init_value", "entropy_eps"
+)
+# (b0, allocation, n_modules) combinations already warned about: one warning per configuration, not per event or
+# per call (`get_flexlora_model` and the Trainer's start both validate the same budget).
+_CLAMP_WARNED: set[tuple[int, str, int]] = set()
 
 
 REGEX_PREFIX = "re:"
@@ -49,10 +91,14 @@ def parse_module_list(value: Any) -> list[str] | str | None:
     if value is None:
         return None
     if isinstance(value, (list, tuple, set, frozenset)):
+        if not all(isinstance(item, str) for item in value):
+            raise ValueError(f"module list {list(value)!r} must hold module names (strings), e.g. ['q_proj', 'v_proj'].")
         items = sorted(value) if isinstance(value, (set, frozenset)) else value  # sets have no order: sort them
         names = [n.strip() for item in items for n in str(item).split(",") if n.strip()]
         return "all-linear" if names == ["all-linear"] else names
-    text = str(value).strip()
+    if not isinstance(value, str):
+        raise ValueError(f"module list {value!r} must be a string or a list of module names, e.g. ['q_proj', 'v_proj'].")
+    text = value.strip()
     if not text:
         return None
     if text.lower() == "none":
@@ -68,13 +114,20 @@ def parse_max_rank(value: Any) -> int | dict[str, int] | None:
     """Parse a ``max_rank`` value: ``"12"`` -> 12, ``'{"layer.0.query": 16}'`` -> a dict, `None`/``""`` -> `None`.
 
     Raises:
-        ValueError: if the string is neither an integer nor a JSON object.
+        ValueError: if the string is neither an integer nor a JSON object, or a cap is not an integer.
     """
-    if value is None or isinstance(value, int):
+    if value is None or is_integer(value):
         return value
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
+        bad = {k: v for k, v in value.items() if not is_integer(v)}
+        if bad:
+            raise ValueError(
+                f"--max_rank caps must be integers; got {bad!r}. Write e.g. {{\"model.layers.0.self_attn.q_proj\": 16}}."
+            )
         return {str(k): int(v) for k, v in value.items()}
-    text = str(value).strip()
+    if not isinstance(value, str):
+        raise ValueError(f"--max_rank={value!r} must be an integer or a JSON object {{module path: cap}}.")
+    text = value.strip()
     if not text:
         return None
     if text.startswith("{"):
@@ -173,10 +226,11 @@ class FlexLoRAConfig:
         metadata={"help": "Std of the Gaussian P, Q when init_basis='gaussian' (AdaLoRA: 0.02)."},
     )
     lam_lr_ratio: float = field(
-        default=1.0,
+        default=10.0,
         metadata={
             "help": "λ's learning rate as a multiple of the optimizer's (its own param group, no weight decay; as "
-            "LoRA+ does for B). 1.0 is the paper's single rate."
+            "LoRA+ does for B). 10 makes a unit-norm direction move ΔW about as fast as a LoRA column at LoRA's "
+            "rate (see docs/benchmarks.md); 1.0 is the paper's single rate."
         },
     )
     adam_reset: str = field(
@@ -195,50 +249,55 @@ class FlexLoRAConfig:
 
     def __post_init__(self) -> None:
         # A plain string from Python is a regex (as in PEFT) or "all-linear"; lists are normalised.
-        if not isinstance(self.target_modules, str):
-            self.target_modules = parse_module_list(self.target_modules)  # type: ignore[assignment]
-        if not isinstance(self.modules_to_save, str):
-            self.modules_to_save = parse_module_list(self.modules_to_save)  # type: ignore[assignment]
+        for name in ("target_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                try:
+                    setattr(self, name, parse_module_list(value))
+                except ValueError as err:
+                    raise ValueError(f"FlexLoRAConfig.{name}: {err}") from None
         self.validate()
 
     # ------------------------------------------------------------------ validation
     def validate(self, n_modules: int | None = None) -> None:
-        """Check every field; with `n_modules` also check that the budget fits the number of adapted matrices.
+        """Check every field; with `n_modules` also check the budget against the number of adapted matrices.
+
+        Integer fields (`r`, `b0`, `t_warmup`, `t_final`, `delta_t`, `total_steps`, `min_rank`, `max_rank` caps,
+        `seed`) must be integers: `True` or `100.0` (e.g. from a hand-edited JSON file) are refused, since a float
+        `delta_t` breaks the event grid. With `n_modules`, a `b0` larger than the moves one event can make
+        (⌊n/2⌋ prune/expand pairs for `bidirectional`, n otherwise) is clamped, as the paper does (§4.2): the
+        planner simply stops when the candidates run out, and one warning says so. Only a budget that can never
+        move anything (bidirectional with a single adapted matrix) raises.
 
         Raises:
             ValueError: naming the field, the offending value and the fix.
         """
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"FlexLoRAConfig.r={self.r!r} must be a positive integer (e.g. r=8).")
+        for name, minimum, fix in _INTEGER_FIELDS:
+            if not (name == "total_steps" and self.total_steps is None):
+                _check_integer(name, getattr(self, name), minimum, fix)
+                setattr(self, name, int(getattr(self, name)))  # NumPy ints -> int: the config stays JSON-serialisable
+        for name in _REAL_FIELDS:
+            _check_real(name, getattr(self, name))
         if self.lora_alpha <= 0:
             raise ValueError(f"FlexLoRAConfig.lora_alpha={self.lora_alpha!r} must be > 0 (paper uses 16).")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"FlexLoRAConfig.lora_dropout={self.lora_dropout!r} must be in [0, 1).")
-        if not isinstance(self.b0, int) or self.b0 < 0:
-            raise ValueError(f"FlexLoRAConfig.b0={self.b0!r} must be an integer >= 0 (paper uses 4).")
-        for name in ("t_warmup", "t_final"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"FlexLoRAConfig.{name}={getattr(self, name)!r} must be >= 0.")
-        if self.delta_t < 1:
-            raise ValueError(f"FlexLoRAConfig.delta_t={self.delta_t!r} must be >= 1.")
-        if self.total_steps is not None:
-            if self.total_steps < 1:
-                raise ValueError(f"FlexLoRAConfig.total_steps={self.total_steps!r} must be >= 1.")
-            if self.t_warmup + self.t_final >= self.total_steps:
-                raise ValueError(
-                    f"FlexLoRAConfig: t_warmup + t_final = {self.t_warmup} + {self.t_final} >= total_steps = "
-                    f"{self.total_steps}, so no reallocation can happen. Lower t_warmup/t_final or train longer."
-                )
+        if self.total_steps is not None and self.t_warmup + self.t_final >= self.total_steps:
+            raise ValueError(
+                f"FlexLoRAConfig: t_warmup + t_final = {self.t_warmup} + {self.t_final} >= total_steps = "
+                f"{self.total_steps}, so no reallocation can happen. Lower t_warmup/t_final or train longer."
+            )
         if self.orth_reg_weight < 0:
             raise ValueError(f"FlexLoRAConfig.orth_reg_weight={self.orth_reg_weight!r} must be >= 0.")
-        if not isinstance(self.min_rank, int) or self.min_rank < 0 or self.min_rank > self.r:
+        _check_integer("min_rank", self.min_rank, 0, f"and <= r={self.r}; the paper uses 1")
+        if self.min_rank > self.r:
             raise ValueError(f"FlexLoRAConfig.min_rank={self.min_rank!r} must be an integer in [0, r={self.r}].")
-        caps = list(self.max_rank.values()) if isinstance(self.max_rank, dict) else [self.max_rank]
-        for cap in caps:
-            if cap is not None and (not isinstance(cap, int) or cap < self.r):
-                raise ValueError(
-                    f"FlexLoRAConfig.max_rank={cap!r} must be an integer >= r={self.r} (or None to derive it)."
-                )
+        caps = self.max_rank.items() if isinstance(self.max_rank, Mapping) else [("", self.max_rank)]
+        for key, cap in caps:
+            if not isinstance(key, str):
+                raise ValueError(f"FlexLoRAConfig.max_rank key {key!r} must be a module path (a string).")
+            if cap is not None or key:
+                _check_integer(f"max_rank[{key!r}]" if key else "max_rank", cap, self.r, "or None to derive it")
         _check_choice("importance", self.importance, IMPORTANCE_METRICS)
         _check_choice("allocation", self.allocation, ALLOCATIONS)
         _check_choice("expansion_init", self.expansion_init, EXPANSION_INITS)
@@ -251,14 +310,36 @@ class FlexLoRAConfig:
             raise ValueError(f"FlexLoRAConfig.init_scale={self.init_scale!r} must be > 0.")
         if self.entropy_eps < 0:
             raise ValueError(f"FlexLoRAConfig.entropy_eps={self.entropy_eps!r} must be >= 0.")
+        for name in ("target_modules", "modules_to_save"):
+            value = getattr(self, name)
+            names_ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            if not (value is None or isinstance(value, str) or names_ok):
+                raise ValueError(f"FlexLoRAConfig.{name}={value!r} must be None, a string or a list of module names.")
         if n_modules is not None:
-            needed = 2 * self.b0 if self.allocation == "bidirectional" else self.b0
-            if needed > n_modules:
-                raise ValueError(
-                    f"FlexLoRAConfig.b0={self.b0} needs {needed} adapted matrices per event "
-                    f"({self.allocation}) but the model has {n_modules}. Use b0 <= "
-                    f"{n_modules // 2 if self.allocation == 'bidirectional' else n_modules} or target more modules."
-                )
+            self._check_budget(n_modules)
+
+    def _check_budget(self, n_modules: int) -> None:
+        """Clamp b0 to the moves `n_modules` adapted matrices allow (warn once); raise if no move is ever possible."""
+        if self.b0 == 0:
+            return
+        bidirectional = self.allocation == "bidirectional"
+        per_move = 2 if bidirectional else 1  # a bidirectional move prunes one matrix and expands another
+        if n_modules < per_move:
+            raise ValueError(
+                f"FlexLoRAConfig.b0={self.b0} with allocation={self.allocation!r} needs at least {per_move} adapted "
+                f"matrices to move any rank, but the model has {n_modules}. Target more modules, or set b0=0 to "
+                "train a fixed-rank adapter."
+            )
+        usable = n_modules // per_move
+        key = (int(self.b0), str(self.allocation), int(n_modules))
+        if self.b0 > usable and key not in _CLAMP_WARNED:
+            _CLAMP_WARNED.add(key)
+            moves = "prune/expand pairs" if bidirectional else f"{self.allocation} moves"
+            logger.warning(
+                "FlexLoRAConfig.b0=%d asks for up to %d %s per event but only %d adapted matrices exist: each event "
+                "makes at most %d (b(t) is clamped to the modules available, paper §4.2). Set b0=%d to silence this.",
+                self.b0, self.b0, moves, n_modules, usable, usable,
+            )
 
     def schedule_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `budget_at` / `is_event_step` / `event_steps` (needs `total_steps`)."""

@@ -18,13 +18,26 @@ Curves (``schedule``):
 * ``"constant"``: b0 throughout the window.
 
 Python's ``round`` is banker's rounding; we use round-half-up (``floor(x + 0.5)``) so b(t) is monotone in t.
+
+Every argument is checked to be an integer (not a bool, not a float such as ``100.0`` from a hand-edited JSON
+file, which would break ``range`` or silently shift the grid); a wrong one raises `ValueError` naming it.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
-from .config import SCHEDULES
+from .config import SCHEDULES, is_integer
+
+
+def _check_ints(caller: str, **values: Any) -> None:
+    for name, value in values.items():
+        if not is_integer(value):
+            hint = f" Write {name}={int(value)}." if isinstance(value, float) and value.is_integer() else ""
+            raise ValueError(f"{caller}: {name}={value!r} must be an integer (got {type(value).__name__}).{hint}")
+    if "delta_t" in values and values["delta_t"] < 1:
+        raise ValueError(f"{caller}: delta_t={values['delta_t']!r} must be >= 1.")
 
 
 def _round_half_up(x: float) -> int:
@@ -46,6 +59,7 @@ def budget_at(
     Returns:
         `int` in [0, b0]; 0 outside `(t_warmup, total_steps - t_final]`. The Δ_T grid is applied by `is_event_step`.
     """
+    _check_ints("budget_at", step=step, b0=b0, t_warmup=t_warmup, t_final=t_final, total_steps=total_steps)
     if schedule not in SCHEDULES:
         raise ValueError(f"Unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}.")
     end = total_steps - t_final
@@ -63,6 +77,7 @@ def is_event_step(
     step: int, *, b0: int, t_warmup: int, t_final: int, total_steps: int, delta_t: int, schedule: str = "paper"
 ) -> bool:
     """True when a reallocation event happens after optimizer step `step` (window, Δ_T grid and b(t) > 0)."""
+    _check_ints("is_event_step", step=step, delta_t=delta_t)
     if step % delta_t != 0:
         return False
     return budget_at(step, b0=b0, t_warmup=t_warmup, t_final=t_final, total_steps=total_steps, schedule=schedule) > 0
@@ -72,6 +87,7 @@ def event_steps(
     *, b0: int, t_warmup: int, t_final: int, total_steps: int, delta_t: int, schedule: str = "paper"
 ) -> list[int]:
     """All optimizer steps after which an event happens, in order."""
+    _check_ints("event_steps", b0=b0, t_warmup=t_warmup, t_final=t_final, total_steps=total_steps, delta_t=delta_t)
     first = (t_warmup // delta_t + 1) * delta_t
     return [
         t

@@ -1,7 +1,8 @@
 """Which modules get adapters: target matching, `modules_to_save` roots, classifier heads and slot capacities.
 
 The one home of module-path matching (PEFT's rules: an exact path or a `.`-separated suffix, "all-linear", or a
-regex matched in full), used by injection, saving and the PEFT view alike. Imports torch only.
+regex matched in full), used by injection, saving and the PEFT view alike, and the check that a `max_rank` mapping
+names adapted modules (a typo would otherwise silently fall back to the derived cap). Imports torch only.
 """
 
 from __future__ import annotations
@@ -78,7 +79,30 @@ def find_target_modules(model: nn.Module, config: FlexLoRAConfig) -> list[str]:
             f"target_modules={target!r} matches no linear layer of {type(model).__name__}. "
             f"Its linear module names are: {', '.join(sorted({n.split('.')[-1] for n in linear_names}))}."
         )
+    check_max_rank_keys(config, chosen)
     return chosen
+
+
+def check_max_rank_keys(config: FlexLoRAConfig, module_names: Iterable[str]) -> None:
+    """Every key of a `max_rank` mapping must be the full path of an adapted module.
+
+    A key that names no adapted module (a typo, a bare suffix such as `"q_proj"`, a module left out of
+    `target_modules`) would leave that module on the derived cap without a word, so it raises instead.
+
+    Raises:
+        ValueError: listing the unknown keys and the adapted module paths.
+    """
+    if not isinstance(config.max_rank, Mapping):
+        return
+    names = list(module_names)
+    unknown = sorted(set(config.max_rank) - set(names))
+    if unknown:
+        shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+        raise ValueError(
+            f"FlexLoRAConfig.max_rank names modules that are not adapted: {', '.join(map(repr, unknown))}. Keys "
+            f"must be full module paths of adapted modules (exact match, no suffixes); the adapted modules are: "
+            f"{shown}. Fix the keys or add those modules to target_modules."
+        )
 
 
 def resolve_capacity(config: FlexLoRAConfig, name: str, d_in: int, d_out: int) -> int:

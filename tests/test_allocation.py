@@ -239,3 +239,21 @@ def test_plan_is_immutable() -> None:
         plan.prune = ("c",)  # type: ignore[misc]
     assert isinstance(plan.prune, tuple) and isinstance(plan.expand, tuple)
     assert hash(plan) == hash(ReallocationPlan(prune=("a",), expand=("d",), budget=1))
+
+
+def test_budget_beyond_the_modules_is_clamped() -> None:
+    # Paper §4.2 clamps b(t) to the modules available; the planner does it by stopping when candidates run out, so
+    # FlexLoRAConfig.validate(n_modules=...) only warns about a large b0 (tests/test_config.py).
+    plan = plan_reallocation(SCORES, RANKS, 1000, min_rank=1, max_rank=8)
+    assert len(plan.prune) == len(plan.expand) == len(SCORES) // 2 and plan.budget == 1000
+    plan = plan_reallocation(SCORES, RANKS, 1000, min_rank=1, max_rank=8, allocation="prune_only")
+    assert sorted(plan.prune) == sorted(SCORES)
+    plan = plan_reallocation(SCORES, RANKS, 1000, min_rank=1, max_rank=8, allocation="expand_only")
+    assert sorted(plan.expand) == sorted(SCORES)
+    assert plan_reallocation({"x": 1.0, "y": 2.0}, {"x": 2, "y": 2}, 10**9, max_rank=4).moves == 2
+
+
+@pytest.mark.parametrize("bad", [1.0, True, "2"])
+def test_non_integer_budget_rejected(bad) -> None:
+    with pytest.raises(ValueError, match=r"budget b=.* must be an integer"):
+        plan_reallocation(SCORES, RANKS, bad, min_rank=1, max_rank=8)

@@ -72,22 +72,44 @@ def test_cost_tiny_memory_and_output(cost_result: dict) -> None:
     assert format_table(cost_result).count("\n") == 4  # header, rule, three methods
 
 
-def test_quality_plan_and_method_parsing() -> None:
+def test_quality_plan_selection_then_tables() -> None:
     from benchmarks import quality
 
     args = quality.parse_args([])
-    runs = quality.all_runs(args)
-    keys = [quality.run_key(r) for r in runs]
-    assert len(keys) == len(set(keys))
-    # 3 tasks x 3 methods x 3 seeds, + (6 LR-grid cells + 1 diagnostic) x 2 seeds on hyperbaton of which the 3
-    # main-method cells are shared with the main comparison, + 7 ablations x 2 seeds
-    assert len(runs) == 27 + (7 - 3) * 2 + 7 * 2
-    assert runs[-1]["task"] == "vitaminc_fact_verification"  # the most expensive task runs last
-    only_main = quality.all_runs(quality.parse_args(["--parts", "main", "--tasks", "hyperbaton"]))
-    assert len(only_main) == 9
+    select = quality.selection_runs(args.tasks)
+    assert len(select) == 3 * 3 * 4 and len({quality.run_key(r) for r in select}) == len(select)
+    # fake selection results: LoRA best at 1e-3, FlexLoRA at 2e-3, AdaLoRA at 5e-3 on every task
+    best = {"lora": 1e-3, "flexlora": 2e-3, "adalora": 5e-3}
+    rows = [
+        {**r, "accuracy": 0.9 if float(quality.parse_method(r["method"])[1]["lr"]) == best[r["method"].split(":")[0]] else 0.5}
+        for r in select
+    ]
+    assert quality.selected_lr(rows, "multiemo", "flexlora") == 2e-3
+    assert quality.selected_lr(rows[:-1], args.tasks[-1], "flexlora") is None  # incomplete grid: no choice yet
+    tables = quality.unique(quality.table_runs(rows, args.tasks, args.seeds))
+    parts = [r["part"] for r in tables]
+    assert parts.index("ablation") > parts.index("dropin") and parts[0] == "dropin"  # drop-in first
+    dropin = [r for r in tables if r["part"] == "dropin"]
+    assert len(dropin) == 3 * 3 * 3 and all(r["method"].endswith("lr=0.001") for r in dropin)  # LoRA's rate for all
+    tuned = [r for r in tables if r["part"] == "tuned"]
+    assert {r["method"] for r in tuned} == {"adalora:lr=0.005", "flexlora:lr=0.002"}  # LoRA's tuned = its drop-in
+    ablations = [r for r in tables if r["part"] == "ablation"]
+    assert len(ablations) == len(quality.ABLATIONS) * 3 and {r["task"] for r in ablations} == {quality.ABLATION_TASK}
     assert quality.parse_method("flexlora:importance=nuclear,lr=0.01") == (
         "flexlora",
         {"importance": "nuclear", "lr": 0.01},
     )
     assert quality.parse_method("lora") == ("lora", {})
     assert quality.schedule(200) == {"t_warmup": 40, "t_final": 40, "delta_t": 10}
+
+
+def test_gpu_check_cpu_smoke(tmp_path: Path) -> None:
+    """The GPU check's --device cpu smoke run: every part runs and writes its JSON and the summary."""
+    from benchmarks import gpu_check
+
+    assert gpu_check.main([str(tmp_path), "--device", "cpu"]) == 0
+    results = json.loads((tmp_path / "gpu_check.json").read_text())["results"]
+    assert set(results) == {"cost", "event", "split", "4bit"}
+    assert results["split"]["ok"] and results["split"]["events"] == 4
+    assert results["4bit"].get("ok") or "skipped" in results["4bit"]
+    assert "## cost" in (tmp_path / "summary.md").read_text()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 
 import pytest
 from transformers import HfArgumentParser
 
-from flexlora_hf.config import CONFIG_NAME, FlexLoRAConfig
+from flexlora_hf.config import CONFIG_NAME, FlexLoRAConfig, parse_max_rank
 
 
 def _custom() -> FlexLoRAConfig:
@@ -136,14 +138,77 @@ def test_window_boundary_is_valid() -> None:
     FlexLoRAConfig(t_warmup=500, t_final=499, total_steps=1000)  # one step of window is enough
 
 
-def test_validate_n_modules() -> None:
-    cfg = FlexLoRAConfig(b0=4)
-    cfg.validate(n_modules=8)  # bidirectional needs 2·b0
-    with pytest.raises(ValueError, match=r"FlexLoRAConfig\.b0=4 needs 8"):
-        cfg.validate(n_modules=7)
-    FlexLoRAConfig(b0=4, allocation="prune_only").validate(n_modules=4)
-    with pytest.raises(ValueError, match="b0"):
-        FlexLoRAConfig(b0=4, allocation="expand_only").validate(n_modules=3)
+def test_budget_beyond_the_modules_is_clamped_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    # Paper §4.2 clamps b(t) to the modules available: 2·b0 > n warns (once per configuration) instead of raising.
+    caplog.set_level(logging.WARNING, logger="flexlora_hf.config")
+    FlexLoRAConfig(b0=9).validate(n_modules=18)  # bidirectional: 9 pairs need 18 matrices, fits
+    FlexLoRAConfig(b0=9, allocation="prune_only").validate(n_modules=9)
+    assert not caplog.records
+    cfg = FlexLoRAConfig(b0=9)
+    for _ in range(3):  # validated again at train start and on resume: still one warning
+        cfg.validate(n_modules=17)
+    FlexLoRAConfig(b0=9).validate(n_modules=17)  # the same configuration on another object
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "b0=9" in record.getMessage() and "at most 8" in record.getMessage() and "clamped" in record.getMessage()
+    FlexLoRAConfig(b0=9, allocation="expand_only").validate(n_modules=5)
+    assert len(caplog.records) == 2 and "at most 5" in caplog.records[-1].getMessage()
+
+
+def test_budget_that_can_never_move_raises() -> None:
+    with pytest.raises(ValueError, match=r"b0=1 with allocation='bidirectional' needs at least 2 adapted matrices"):
+        FlexLoRAConfig(b0=1).validate(n_modules=1)
+    FlexLoRAConfig(b0=0).validate(n_modules=1)  # a fixed-rank adapter on one matrix is fine
+    FlexLoRAConfig(b0=3, allocation="prune_only").validate(n_modules=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "fix"),
+    [
+        (dict(delta_t=100.0), "delta_t", "Write delta_t=100"),
+        (dict(total_steps=1000.0), "total_steps", "Write total_steps=1000"),
+        (dict(t_warmup=True), "t_warmup", "integer"),
+        (dict(t_final="500"), "t_final", "integer"),
+        (dict(b0=2.5), "b0", "integer"),
+        (dict(r=8.0), "r", "Write r=8"),
+        (dict(min_rank=1.0), "min_rank", "Write min_rank=1"),
+        (dict(max_rank=16.0), "max_rank", "Write max_rank=16"),
+        (dict(max_rank={"model.layers.0.mlp.up_proj": 16.0}), "max_rank", "integer"),
+        (dict(max_rank={"model.layers.0.mlp.up_proj": True}), "max_rank", "integer"),
+        (dict(max_rank="16"), "max_rank", "integer"),
+        (dict(seed=1.5), "seed", "integer"),
+        (dict(lora_alpha="16"), "lora_alpha", "finite number"),
+        (dict(lora_alpha=math.nan), "lora_alpha", "finite number"),
+        (dict(orth_reg_weight=math.inf), "orth_reg_weight", "finite number"),
+        (dict(importance=3), "importance", "choose one of"),
+        (dict(target_modules=5), "target_modules", "module names"),
+        (dict(target_modules=["q_proj", 3]), "target_modules", "module names"),
+        (dict(modules_to_save={"classifier": 1}), "modules_to_save", "module names"),
+    ],
+)
+def test_wrong_types_name_the_field_and_the_fix(kwargs: dict, field: str, fix: str) -> None:
+    with pytest.raises(ValueError, match=rf"FlexLoRAConfig\.{field}\b.*{fix}"):
+        FlexLoRAConfig(**kwargs)
+
+
+def test_json_with_wrong_types_is_refused() -> None:
+    data = FlexLoRAConfig().to_dict()
+    data["delta_t"] = 100.0  # what a hand-edited or re-serialised JSON file may hold
+    with pytest.raises(ValueError, match=r"delta_t=100\.0 must be an integer.*Write delta_t=100"):
+        FlexLoRAConfig.from_dict(json.loads(json.dumps(data)))
+
+
+def test_numpy_integers_become_python_ints() -> None:
+    np = pytest.importorskip("numpy")
+    cfg = FlexLoRAConfig(r=np.int64(4), total_steps=np.int32(100), t_warmup=10, t_final=10)
+    assert type(cfg.r) is int and type(cfg.total_steps) is int
+    json.dumps(cfg.to_dict())
+
+
+@pytest.mark.parametrize("value", ['{"a": "16"}', '{"a": 1.5}', '{"a": true}', "[1, 2]"])
+def test_parse_max_rank_refuses_non_integer_caps(value: str) -> None:
+    with pytest.raises(ValueError, match="max_rank"):
+        parse_max_rank(value if not value.startswith("[") else json.loads(value))
 
 
 def test_resolved_fills_and_checks_total_steps() -> None:

@@ -127,3 +127,24 @@ def test_budget_matches_reference(s: dict) -> None:
     kw = _budget_kwargs(s)
     for step in range(0, s["total_steps"] + 2):
         assert budget_at(step, **kw) == ref_budget(step, **kw)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(delta_t=100.0), r"event_steps: delta_t=100\.0 must be an integer.*Write delta_t=100"),
+        (dict(t_warmup=True), r"event_steps: t_warmup=True must be an integer \(got bool\)"),
+        (dict(total_steps="3000"), r"event_steps: total_steps='3000' must be an integer"),
+        (dict(delta_t=0), r"event_steps: delta_t=0 must be >= 1"),
+    ],
+)
+def test_non_integer_schedule_arguments_name_the_field(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        event_steps(**{**TYPICAL, "delta_t": 100, **kwargs})
+
+
+def test_budget_at_and_is_event_step_check_their_arguments() -> None:
+    with pytest.raises(ValueError, match=r"budget_at: step=600\.0 must be an integer"):
+        budget_at(600.0, **TYPICAL)
+    with pytest.raises(ValueError, match=r"is_event_step: delta_t=50\.0 must be an integer"):
+        is_event_step(600, **TYPICAL, delta_t=50.0)

@@ -10,21 +10,21 @@ Native view (exact resume of rank reallocation, needs flexlora_hf):
 * `rank_map.json` (module path -> rank) and `rank_history.json` (`model.rank_history`, possibly empty).
 
 Weights are only ever read with safetensors (no pickle). Nothing here builds a `FlexLoRAModel`; `model.py` does,
-with [`read_adapter`], [`check_base_model`] and [`restore`].
+with [`read_adapter`], [`check_base_model`] and [`restore`]. Every number and header is validated before a tensor
+is allocated (`io/validation.py`), and everything is checked before a model is modified, so a refused folder leaves
+the base model (or, for [`load_adapter_into`], the adapted model) exactly as it was.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..config import FlexLoRAConfig
@@ -36,15 +36,28 @@ from ..constants import (
     RANK_MAP_NAME,
 )
 from ..layer import FlexLoRALayer, is_supported_layer, layer_shape
-from ..targets import modules_to_save_roots
+from ..targets import check_max_rank_keys, modules_to_save_roots
 from .atomic import atomic_write
+from .validation import (
+    check_capacities,
+    check_finite,
+    check_header,
+    check_history,
+    check_module_values,
+    check_rank_map,
+    check_slot_birth,
+    fail,
+    load_tensors,
+    read_header,
+    read_json,
+    short,
+)
 
 if TYPE_CHECKING:
     from ..model import FlexLoRAModel
 
 logger = logging.getLogger(__name__)
 
-_COMPACT_FIELDS = ("P", "lam", "Q", "slots")
 _ADAPTER_TENSOR_NAMES = {"lora_P", "lora_lam", "lora_Q", "lora_active"}
 
 
@@ -84,80 +97,9 @@ def native_state(model: FlexLoRAModel) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _read_json(directory: str, name: str, *, required: bool = True) -> Any:
-    path = os.path.join(directory, name)
-    if not os.path.isfile(path):
-        if required:
-            raise FileNotFoundError(
-                f"load_flexlora: {name} is missing from {directory}; it is not a complete FlexLoRA adapter folder "
-                "(save it again with save_pretrained / save_flexlora)."
-            )
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"load_flexlora: {path} is not valid JSON ({err}); the file is corrupt or truncated.") from err
-
-
-def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"load_flexlora: {os.path.basename(path)} is missing from {os.path.dirname(path)}; it is not a complete "
-            "FlexLoRA adapter folder."
-        )
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(
-            f"load_flexlora: cannot read {path} ({err}); the file is truncated or corrupt. Save or download the "
-            "adapter again."
-        ) from err
-
-
-def _split_native(
-    tensors: Mapping[str, torch.Tensor], path: str
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """Group `<module>.{P,lam,Q,slots}` by module and collect `modules_to_save.*`; check every module is complete."""
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    extra: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        if key.startswith(MODULES_TO_SAVE_PREFIX):
-            extra[key[len(MODULES_TO_SAVE_PREFIX) :]] = tensor
-            continue
-        module, _, field = key.rpartition(".")
-        if not module or field not in _COMPACT_FIELDS:
-            raise ValueError(f"load_flexlora: unexpected tensor {key!r} in {path}.")
-        modules.setdefault(module, {})[field] = tensor
-    for module, parts in modules.items():
-        missing = [f for f in _COMPACT_FIELDS if f not in parts]
-        if missing:
-            raise ValueError(f"load_flexlora: {path} lacks {', '.join(missing)} for module {module!r}.")
-    return modules, extra
-
-
-def _check_compact(module: str, parts: Mapping[str, torch.Tensor], path: str) -> tuple[int, int, int]:
-    """Check the shapes of one module's compact tensors; returns (rank, d_out, d_in)."""
-    P, lam, Q, slots = (parts[f] for f in _COMPACT_FIELDS)
-    if lam.dim() != 1 or P.dim() != 2 or Q.dim() != 2 or slots.dim() != 1:
-        raise ValueError(
-            f"load_flexlora: module {module!r} in {path} has tensors of the wrong dimensionality "
-            f"(P {tuple(P.shape)}, lam {tuple(lam.shape)}, Q {tuple(Q.shape)}, slots {tuple(slots.shape)})."
-        )
-    r = int(lam.shape[0])
-    if P.shape[1] != r or Q.shape[0] != r or slots.shape[0] != r:
-        raise ValueError(
-            f"load_flexlora: module {module!r} in {path} has inconsistent ranks: P {tuple(P.shape)}, "
-            f"lam {tuple(lam.shape)}, Q {tuple(Q.shape)}, slots {tuple(slots.shape)}."
-        )
-    if slots.dtype.is_floating_point or slots.dtype == torch.bool:
-        raise ValueError(f"load_flexlora: module {module!r} in {path} has non-integer slots ({slots.dtype}).")
-    if r and (int(slots.min()) < 0 or len(set(slots.tolist())) != r):
-        raise ValueError(f"load_flexlora: module {module!r} in {path} has invalid slots {slots.tolist()}.")
-    return r, int(P.shape[0]), int(Q.shape[1])
-
-
-def _check_base_module(base_model: nn.Module, module: str, d_out: int, d_in: int, saved_for: str | None) -> None:
+def _check_base_module(
+    base_model: nn.Module, module: str, d_out: int, d_in: int, capacity: int, saved_for: str | None
+) -> None:
     origin = f" (the adapter was saved for {saved_for})" if saved_for else ""
     try:
         layer = base_model.get_submodule(module)
@@ -182,6 +124,17 @@ def _check_base_module(base_model: nn.Module, module: str, d_out: int, d_in: int
             f"layer but the base model's layer is ({b_out} x {b_in}){origin}. Load it on the same architecture "
             "(hidden size, intermediate size, heads)."
         )
+    _check_capacity_fits(module, capacity, b_out, b_in)
+
+
+def _check_capacity_fits(module: str, capacity: int, d_out: int, d_in: int) -> None:
+    # A slot beyond min(d_in, d_out) can never hold an independent direction; read_adapter already bounds capacities
+    # by the saved tensors' shapes, and this repeats it against the layer the slots are really allocated for.
+    if capacity > min(d_in, d_out):
+        raise ValueError(
+            f"load_flexlora: module {module!r} would get {capacity} slots but its ({d_out} x {d_in}) layer allows at "
+            f"most {min(d_in, d_out)}; the adapter folder is damaged ({FLEXLORA_CONFIG_NAME} '_capacity')."
+        )
 
 
 def _named_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -199,9 +152,11 @@ class SavedAdapter:
         raw_config (`dict`): `flexlora_config.json` as read, underscore keys included.
         modules (`dict`): module path -> {"P", "lam", "Q", "slots"}, in model order (the order of `rank_map.json`).
         shapes (`dict`): module path -> (d_out, d_in).
-        capacity (`dict`): module path -> slot capacity to rebuild with.
+        capacity (`dict`): module path -> slot capacity to rebuild with (at most min(d_in, d_out)).
         modules_to_save (`dict`): param path (in the adapted base model) -> tensor.
         rank_history (`list`): `rank_history.json` (empty when the file is absent).
+        slot_birth (`dict`): module path -> {active slot: optimizer step it was activated at}.
+        capacity_final (`bool`): whether the capacities were derived from the run's length.
     """
 
     directory: str
@@ -212,6 +167,8 @@ class SavedAdapter:
     capacity: dict[str, int]
     modules_to_save: dict[str, torch.Tensor]
     rank_history: list[Any]
+    slot_birth: dict[str, dict[int, int]] = dataclasses.field(default_factory=dict)
+    capacity_final: bool = True
 
     @property
     def base_model_name_or_path(self) -> str | None:
@@ -219,78 +176,88 @@ class SavedAdapter:
         return str(value) if value else None
 
 
-def read_adapter(directory: str, config_overrides: Mapping[str, Any] | None = None) -> SavedAdapter:
-    """Read the native files of an adapter folder and check that they agree with each other.
-
-    Raises:
-        FileNotFoundError: `flexlora_config.json`, `flexlora_adapter.safetensors` or `rank_map.json` is missing.
-        ValueError: a file is corrupt or truncated, or the files disagree (ranks, modules, capacities).
-    """
-    raw = _read_json(directory, FLEXLORA_CONFIG_NAME)
+def _read_config(
+    directory: str, config_overrides: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], FlexLoRAConfig]:
+    raw = read_json(directory, FLEXLORA_CONFIG_NAME)
     config_path = os.path.join(directory, FLEXLORA_CONFIG_NAME)
     if not isinstance(raw, dict):
-        raise ValueError(f"load_flexlora: {config_path} must hold a JSON object.")
-    saved_capacity = raw.get("_capacity")
-    if not isinstance(saved_capacity, dict):
-        raise ValueError(f"load_flexlora: {config_path} has no '_capacity' mapping (module path -> slot capacity).")
+        raise fail(config_path, "must hold a JSON object.")
     fields = {k: v for k, v in raw.items() if not k.startswith("_")}
     fields.update(config_overrides or {})
     try:
         config = FlexLoRAConfig.from_dict(fields)
     except (TypeError, ValueError) as err:
         raise ValueError(f"load_flexlora: invalid configuration in {config_path}: {err}") from err
+    if not isinstance(raw.get("_capacity_final", True), bool):
+        raise fail(config_path, f"'_capacity_final' must be true or false, got {short(raw['_capacity_final'])}.")
+    base = raw.get("_base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise fail(config_path, f"'_base_model_name_or_path' must be a string, got {short(base)}.")
+    return raw, config
 
-    rank_map = _read_json(directory, RANK_MAP_NAME)
-    if not isinstance(rank_map, dict):
-        raise ValueError(f"load_flexlora: {os.path.join(directory, RANK_MAP_NAME)} must hold a JSON object.")
-    history = _read_json(directory, RANK_HISTORY_NAME, required=False)
+
+def read_adapter(directory: str, config_overrides: Mapping[str, Any] | None = None) -> SavedAdapter:
+    """Read the native files of an adapter folder and check that they agree with each other.
+
+    Every number is checked before anything is allocated from it (see `io/validation.py`): JSON types and ranges,
+    then the safetensors header against `rank_map.json` and the capacities against the tensors' own shapes, and
+    only then the tensors (whose slots must lie in [0, capacity) and whose values must be finite).
+
+    Raises:
+        FileNotFoundError: `flexlora_config.json`, `flexlora_adapter.safetensors` or `rank_map.json` is missing.
+        ValueError: a file is corrupt, truncated or holds values of the wrong type or range (the message names the
+            file and the module), or the files disagree (ranks, modules, capacities).
+    """
+    raw, config = _read_config(directory, config_overrides)
+    config_path = os.path.join(directory, FLEXLORA_CONFIG_NAME)
+    ranks = check_rank_map(read_json(directory, RANK_MAP_NAME), os.path.join(directory, RANK_MAP_NAME))
+    history = read_json(directory, RANK_HISTORY_NAME, required=False)
     if history is None:
         logger.info("No %s in %s; the rank history starts empty.", RANK_HISTORY_NAME, directory)
         history = []
-    if not isinstance(history, list):
-        raise ValueError(f"load_flexlora: {os.path.join(directory, RANK_HISTORY_NAME)} must hold a JSON list.")
+    check_history(history, os.path.join(directory, RANK_HISTORY_NAME))
 
     weights_path = os.path.join(directory, FLEXLORA_WEIGHTS_NAME)
-    found, extra = _split_native(_read_safetensors(weights_path), weights_path)
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(
+            f"load_flexlora: {FLEXLORA_WEIGHTS_NAME} is missing from {directory}; it is not a complete FlexLoRA "
+            "adapter folder."
+        )
+    header = read_header(weights_path)
+    shapes = check_header(header, weights_path, ranks)  # rank_map.json order is model order (safetensors sorts)
+    capacity = check_capacities(raw, config_path, shapes, ranks, config.r)
+    slot_birth = check_slot_birth(raw, config_path, ranks)
+    try:
+        check_max_rank_keys(config, ranks)
+    except ValueError as err:
+        raise fail(config_path, str(err)) from None
 
-    # Every file must describe the same set of modules with the same ranks.
-    for module in rank_map:
-        if module not in found:
-            raise ValueError(
-                f"load_flexlora: {RANK_MAP_NAME} lists module {module!r} but {FLEXLORA_WEIGHTS_NAME} holds no tensors "
-                "for it; the folder mixes files from different saves."
-            )
-    for module in found:
-        if module not in rank_map:
-            raise ValueError(
-                f"load_flexlora: module {module!r} of {FLEXLORA_WEIGHTS_NAME} is missing from {RANK_MAP_NAME}."
-            )
-    # rank_map.json keeps model order (safetensors sorts its keys): check and build in that order.
-    modules = {module: found[module] for module in rank_map}
-    shapes: dict[str, tuple[int, int]] = {}
-    capacity: dict[str, int] = {}
+    tensors = load_tensors(weights_path, header)
+    modules: dict[str, dict[str, torch.Tensor]] = {m: {} for m in ranks}
+    extra: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if key.startswith(MODULES_TO_SAVE_PREFIX):
+            extra[key[len(MODULES_TO_SAVE_PREFIX) :]] = tensor
+        else:
+            module, _, field = key.rpartition(".")
+            modules[module][field] = tensor
     for module, parts in modules.items():
-        r, d_out, d_in = _check_compact(module, parts, weights_path)
-        if int(rank_map[module]) != r:
-            raise ValueError(
-                f"load_flexlora: {RANK_MAP_NAME} says module {module!r} has rank {rank_map[module]} but "
-                f"{FLEXLORA_WEIGHTS_NAME} holds {r} directions for it; the folder mixes files from different saves."
-            )
-        if module not in saved_capacity:
-            raise ValueError(f"load_flexlora: module {module!r} has no '_capacity' entry in {FLEXLORA_CONFIG_NAME}.")
-        need = int(parts["slots"].max()) + 1 if r else 0
-        shapes[module] = (d_out, d_in)
-        capacity[module] = max(int(saved_capacity[module]), need, config.r)
-    return SavedAdapter(directory, config, raw, modules, shapes, capacity, extra, list(history))
+        check_module_values(module, parts, capacity[module], weights_path)
+    check_finite(extra.items(), weights_path, "a modules_to_save weight")
+    return SavedAdapter(
+        directory, config, raw, modules, shapes, capacity, extra, list(history), slot_birth,
+        bool(raw.get("_capacity_final", True)),
+    )
 
 
 def _check_modules_to_save(model: nn.Module, saved: SavedAdapter, *, adapted: bool) -> None:
-    """Every saved modules_to_save weight must exist in `model` with the same shape.
+    """Every saved modules_to_save weight must exist in `model` with the same shape and kind of dtype.
 
     Before injection (`adapted=False`) a weight inside a layer that will be adapted has no `.base_layer` in its path
     yet, so the comparison drops it.
     """
-    available = {k: tuple(t.shape) for k, t in _named_tensors(model)}
+    available = dict(_named_tensors(model))
     for key, tensor in saved.modules_to_save.items():
         name = key if adapted else peft_module_path(key)
         if name not in available:
@@ -298,37 +265,49 @@ def _check_modules_to_save(model: nn.Module, saved: SavedAdapter, *, adapted: bo
                 f"load_flexlora: the base model {type(model).__name__} has no parameter {name!r} "
                 f"(a modules_to_save weight in {FLEXLORA_WEIGHTS_NAME})."
             )
-        if available[name] != tuple(tensor.shape):
+        target = available[name]
+        if tuple(target.shape) != tuple(tensor.shape):
             raise ValueError(
                 f"load_flexlora: shape mismatch for modules_to_save weight {name!r}: saved "
-                f"{tuple(tensor.shape)}, base model {available[name]} (e.g. another num_labels or hidden size)."
+                f"{tuple(tensor.shape)}, base model {tuple(target.shape)} (e.g. another num_labels or hidden size)."
+            )
+        if target.is_floating_point() != tensor.is_floating_point():
+            raise ValueError(
+                f"load_flexlora: dtype mismatch for modules_to_save weight {name!r} in {FLEXLORA_WEIGHTS_NAME}: "
+                f"saved {tensor.dtype}, base model {target.dtype}; the file is damaged."
             )
 
 
 def check_base_model(base_model: nn.Module, saved: SavedAdapter) -> None:
     """Check every adapted module and modules_to_save weight of `saved` against a fresh `base_model`, before
-    anything is modified. Raises `ValueError` naming the module."""
+    anything is modified: shapes, capacities within min(d_in, d_out) of the base layer, modules_to_save weights.
+    Raises `ValueError` naming the module."""
     for module, (d_out, d_in) in saved.shapes.items():
-        _check_base_module(base_model, module, d_out, d_in, saved.base_model_name_or_path)
+        _check_base_module(base_model, module, d_out, d_in, saved.capacity[module], saved.base_model_name_or_path)
     _check_modules_to_save(base_model, saved, adapted=False)
 
 
 def restore(model: FlexLoRAModel, saved: SavedAdapter) -> None:
-    """Copy the saved adapter tensors, modules_to_save weights and rank history into an adapted model."""
+    """Copy the saved adapter tensors, modules_to_save weights and rank history into an adapted model.
+
+    `saved` comes from [`read_adapter`] and was checked against the model (`check_base_model` or
+    `load_adapter_into`), so nothing here can fail half-way.
+    """
+    if saved.modules_to_save:
+        _check_modules_to_save(model.get_base_model(), saved, adapted=True)  # before the first layer changes
     for name, layer in model.flexlora_layers():
         parts = saved.modules[name]
         layer.set_capacity(saved.capacity[name])
         layer.load_compact(parts["P"], parts["lam"], parts["Q"], parts["slots"])
-        births = saved.raw_config.get("_slot_birth", {}).get(name, {})
-        layer.slot_birth = {int(s): int(b) for s, b in births.items() if int(s) < layer.rank}
+        layer.slot_birth = dict(saved.slot_birth.get(name, {}))
     if saved.modules_to_save:
-        _check_modules_to_save(model.get_base_model(), saved, adapted=True)
         targets = dict(_named_tensors(model.get_base_model()))
         with torch.no_grad():
             for key, tensor in saved.modules_to_save.items():
                 targets[key].copy_(tensor)
     model.rank_history = list(saved.rank_history)
-    model.capacity_final = bool(saved.raw_config.get("_capacity_final", True))
+    model.capacity_final = saved.capacity_final
+
 
 def load_adapter_into(model: FlexLoRAModel, path: str | os.PathLike[str]) -> None:
     """Load a saved adapter folder into an existing `FlexLoRAModel` in place (checkpoint resume, best model).
@@ -363,5 +342,6 @@ def load_adapter_into(model: FlexLoRAModel, path: str | os.PathLike[str]) -> Non
                 f"load_adapter_into: shape mismatch for module {name!r}: the adapter was trained on a ({d_out} x "
                 f"{d_in}) layer but the model's layer is ({layer.out_features} x {layer.in_features})."
             )
+        _check_capacity_fits(name, saved.capacity[name], d_out, d_in)
     restore(model, saved)
     logger.info("Loaded FlexLoRA adapter state from %s into the model (total rank %d)", directory, model.total_rank())
