@@ -200,3 +200,29 @@ def ref_plan(
         prune.append(p)
         expand.append(e)
     return tuple(prune), tuple(expand)
+
+
+# ---------------------------------------------------------------------------------------------------------- layer
+def masked_forward(layer, x, *args, **kwargs):
+    """The adapter computed the obvious (and slower) way the first version did: over every slot, inactive ones
+    multiplied out by the mask, the scaling applied to the full output. Same parameters as `FlexLoRALayer`."""
+    import torch.nn.functional as F
+
+    result = layer.base_layer(x, *args, **kwargs)
+    if layer.disabled or layer.merged:
+        return result
+    mask = layer.lora_active.to(layer.lora_lam.dtype)  # (R,)
+    h = F.linear(layer.lora_dropout(x).to(layer.lora_Q.dtype), layer.lora_Q)  # (..., R)
+    h = h * (layer.lora_lam * mask)  # (..., R)
+    return result + (F.linear(h, layer.lora_P) * layer.scaling).to(result.dtype)
+
+
+def masked_orth_reg(layer):
+    """Eq. 2 over every slot with masked copies of P and Q and a masked identity (the first version's way)."""
+    import torch
+
+    m = layer.lora_active.to(layer.lora_P.dtype)
+    P = layer.lora_P * m
+    Q = layer.lora_Q * m[:, None]
+    eye = torch.diag(m)
+    return ((P.T @ P - eye) ** 2).sum() + ((Q @ Q.T - eye) ** 2).sum()
