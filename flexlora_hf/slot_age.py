@@ -57,7 +57,8 @@ class SlotAgeCorrection:
         self._betas: dict[int, tuple[float, float]] = {
             id(p): (float(g["betas"][0]), float(g["betas"][1])) for g in optimizer.param_groups for p in g["params"]
         }
-        self._before: list[tuple[FlexLoRALayer, list[int], list[tuple[nn.Parameter, int, torch.Tensor]]]] = []
+        self._before: list[tuple[FlexLoRALayer, list[tuple[nn.Parameter, int, torch.Tensor]]]] = []
+        self._cache: dict[tuple[int, str, tuple[tuple[int, int], ...]], tuple[list[int], torch.Tensor, torch.Tensor]] = {}
         self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
 
     @classmethod
@@ -83,35 +84,48 @@ class SlotAgeCorrection:
         return sum(len(layer.slot_birth) for layer in self.layers)
 
     # ------------------------------------------------------------------ hooks
+    def _young(self, layer: FlexLoRALayer, device: torch.device) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """(slots, slot index tensor, birth-step tensor) on `device`, rebuilt only when the young set changes, so a
+        step copies nothing from the host."""
+        key = (id(layer), str(device), tuple(sorted(layer.slot_birth.items())))
+        if key not in self._cache:
+            slots = sorted(layer.slot_birth)
+            births = [float(layer.slot_birth[s]) for s in slots]
+            self._cache[key] = (slots, torch.tensor(slots, device=device), torch.tensor(births, device=device))
+            if len(self._cache) > 4 * len(self.layers) + 16:  # stale entries of earlier young sets
+                self._cache = {k: v for k, v in self._cache.items() if k[2] == key[2] or k[0] != key[0]}
+        return self._cache[key]
+
     @torch.no_grad()
     def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._before = []
         for layer in self.layers:
             if not layer.slot_birth:
                 continue
-            slots = sorted(layer.slot_birth)
             snaps = []
             for param, dim in ((layer.lora_P, 1), (layer.lora_lam, 0), (layer.lora_Q, 0)):
                 if id(param) in self._betas:
-                    idx = torch.tensor(slots, device=param.device)
+                    _, idx, _ = self._young(layer, param.device)
                     snaps.append((param, dim, param.detach().index_select(dim, idx)))  # young slices before the step
-            self._before.append((layer, slots, snaps))
+            self._before.append((layer, snaps))
 
     @torch.no_grad()
     def _post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.step += 1
-        for layer, slots, snaps in self._before:
+        t = float(self.step)
+        for layer, snaps in self._before:
             for param, dim, before in snaps:
                 beta1, beta2 = self._betas[id(param)]
-                factors = [correction(self.step - layer.slot_birth[s], self.step, beta1, beta2) for s in slots]
+                slots, idx, births = self._young(layer, param.device)
+                k = t - births  # (n,) each slot's age, on the device
+                fresh = torch.sqrt(1.0 - torch.pow(beta2, k)) / (1.0 - torch.pow(beta1, k))
+                c = fresh / (math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))  # (n,) correction(k, t)
                 shape = [1] * param.dim()
                 shape[dim] = len(slots)
-                c = torch.tensor(factors, dtype=param.dtype).view(shape).to(param.device, non_blocking=True)
-                idx = torch.tensor(slots, device=param.device)
                 after = param.detach().index_select(dim, idx)
-                param.data.index_copy_(dim, idx, before + c * (after - before))
+                param.data.index_copy_(dim, idx, before + c.to(param.dtype).view(shape) * (after - before))
             beta1, beta2 = self._betas.get(id(layer.lora_lam), (0.9, 0.999))
-            for s in slots:  # old enough: a fresh Adam and the shared counter now agree
+            for s in sorted(layer.slot_birth):  # old enough (host arithmetic): fresh and shared Adam now agree
                 if abs(correction(self.step - layer.slot_birth[s], self.step, beta1, beta2) - 1.0) < self.tol:
                     del layer.slot_birth[s]
         self._before = []
