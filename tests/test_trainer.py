@@ -174,7 +174,7 @@ def test_gradient_accumulation_gives_same_rank_decisions(tmp_path):
     assert a.flexlora_model.rank_map() == b.flexlora_model.rank_map()
     for (_, la), (_, lb) in zip(a.flexlora_model.flexlora_layers(), b.flexlora_model.flexlora_layers(), strict=True):
         assert la.lora_lam.dtype == torch.float64
-        torch.testing.assert_close(la.lora_lam, lb.lora_lam, atol=1e-9, rtol=1e-7)
+        torch.testing.assert_close(la.lora_lam, lb.lora_lam, atol=1e-5, rtol=1e-4)
 
 
 def _first_step_grads(tmp_path, make_model, ds, gamma, ga, compute_loss_func=None, logs=None, **arg_overrides):
