@@ -17,4 +17,18 @@ No test module (``test_*.py``) imports another one. Markers (pyproject.toml): `s
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+import transformers
 from hub_stub import local_hub_fixture  # noqa: F401 - registers the `local_hub` fixture for every test module
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Example scripts configure transformers' and flexlora_hf's logging globally; put it back after each test."""
+    verbosity = transformers.utils.logging.get_verbosity()
+    level = logging.getLogger("flexlora_hf").level
+    yield
+    transformers.utils.logging.set_verbosity(verbosity)
+    logging.getLogger("flexlora_hf").setLevel(level)

@@ -15,7 +15,11 @@ Not a test module and not a conftest: import what you need, ``from helpers impor
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -207,3 +211,17 @@ def trained(make: Callable[[], torch.nn.Module], events: int = 3, **kw: Any) -> 
             if p.requires_grad and "lora_" not in name:
                 p.add_(0.1 * torch.randn_like(p))
     return fm.eval()
+
+
+# ---------------------------------------------------------------------------------------------------- examples
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` as a module (the examples folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"flexlora_examples_{name.replace('/', '_')}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import json
-import logging
 import random
 import sys
 from pathlib import Path
@@ -21,7 +19,7 @@ from types import ModuleType
 
 import pytest
 import transformers
-from helpers import tiny_bert, tiny_llama
+from helpers import load_example, tiny_bert, tiny_llama
 from transformers import HfArgumentParser, TrainingArguments
 
 from flexlora_hf import FlexLoRAConfig
@@ -45,24 +43,7 @@ NOUNS = ["film", "meal", "book", "song", "trip", "game", "show", "room"]
 
 
 def load_script(name: str) -> ModuleType:
-    """Import ``examples/<name>.py`` as a module (the examples folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"flexlora_examples_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The scripts configure transformers/datasets logging globally; put it back after each test."""
-    verbosity = transformers.utils.logging.get_verbosity()
-    level = logging.getLogger("flexlora_hf").level
-    yield
-    transformers.utils.logging.set_verbosity(verbosity)
-    logging.getLogger("flexlora_hf").setLevel(level)
-
+    return load_example(name)
 
 def _sentences(n: int, seed: int = 0) -> list[tuple[str, int]]:
     rng = random.Random(seed)

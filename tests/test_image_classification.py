@@ -9,19 +9,16 @@ load in stock PEFT on the same ViT and give the same logits, and the VTAB recipe
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import logging
 import re
 import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
-import transformers
+from helpers import load_example
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 ADAPTER_FILES = (
@@ -44,22 +41,7 @@ COMMON = [
 
 
 def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("flexlora_examples_run_image_classification", EXAMPLES / "run_image_classification.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """The script configures transformers/datasets logging globally; put it back after each test."""
-    verbosity = transformers.utils.logging.get_verbosity()
-    level = logging.getLogger("flexlora_hf").level
-    yield
-    transformers.utils.logging.set_verbosity(verbosity)
-    logging.getLogger("flexlora_hf").setLevel(level)
+    return load_example("run_image_classification")
 
 
 @pytest.fixture(scope="module")
