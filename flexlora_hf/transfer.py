@@ -33,7 +33,6 @@ peft and huggingface_hub are imported inside the functions that use them.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from .constants import FLEXLORA_CONFIG_NAME, PEFT_CONFIG_NAME, RANK_MAP_NAME
 from .io.peft_view import base_model_name_or_path, infer_task_type, pattern_order
+from .io.validation import read_json
 from .targets import matches
 
 if TYPE_CHECKING:
@@ -287,8 +287,8 @@ def lora_config_from_pretrained(
         token=token,
         allow_patterns=(FLEXLORA_CONFIG_NAME, RANK_MAP_NAME, PEFT_CONFIG_NAME),
     )
-    raw = _read_json(directory, FLEXLORA_CONFIG_NAME)
-    rank_map = _read_json(directory, RANK_MAP_NAME)
+    raw = read_json(directory, FLEXLORA_CONFIG_NAME, who="lora_config_from_pretrained")
+    rank_map = read_json(directory, RANK_MAP_NAME, who="lora_config_from_pretrained")
     if not isinstance(raw, dict) or "r" not in raw or "lora_alpha" not in raw:
         raise ValueError(
             f"lora_config_from_pretrained: {os.path.join(directory, FLEXLORA_CONFIG_NAME)} has no 'r' / 'lora_alpha'; "
@@ -299,7 +299,7 @@ def lora_config_from_pretrained(
             f"lora_config_from_pretrained: {os.path.join(directory, RANK_MAP_NAME)} must hold a JSON object "
             "{module path: rank}."
         )
-    view = _read_json(directory, PEFT_CONFIG_NAME, required=False) or {}
+    view = read_json(directory, PEFT_CONFIG_NAME, required=False, who="lora_config_from_pretrained") or {}
     saved_modules = raw.get("modules_to_save")
     defaults: dict[str, Any] = {
         "lora_dropout": float(raw.get("lora_dropout") or 0.0),
@@ -324,18 +324,3 @@ def _check_policy(alpha_policy: str) -> None:
             f"alpha_policy={alpha_policy!r} is not one of {ALPHA_POLICIES}: 'constant_scale' keeps FlexLoRA's scale "
             "lora_alpha / r in every module, 'constant_alpha' gives every module lora_alpha."
         )
-
-
-def _read_json(directory: str, name: str, *, required: bool = True) -> Any:
-    path = os.path.join(directory, name)
-    if not os.path.isfile(path):
-        if required:
-            raise FileNotFoundError(
-                f"{name} is missing from {directory}; pass a folder written by save_pretrained (or its Hub repo id)."
-            )
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the file is corrupt or truncated.") from err

@@ -13,7 +13,7 @@ import os
 from typing import TYPE_CHECKING
 
 from .constants import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
-from .transfer import _read_json
+from .io.validation import read_json
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -64,7 +64,7 @@ def load_peft_view(
         token=token,
         allow_patterns=(PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME),
     )
-    view = _read_json(directory, PEFT_CONFIG_NAME)
+    view = read_json(directory, PEFT_CONFIG_NAME, who="load_peft_view")
     weights_path = os.path.join(directory, PEFT_WEIGHTS_NAME)
     if not os.path.isfile(weights_path):
         raise FileNotFoundError(f"load_peft_view: {PEFT_WEIGHTS_NAME} is missing from {directory}.")

@@ -88,7 +88,11 @@ def save_flexlora(
     config["_capacity"] = model.rank_caps()
     config["_capacity_final"] = bool(getattr(model, "capacity_final", True))
     # optimizer step at which each young direction started (per-direction Adam correction, exact resume)
-    config["_slot_birth"] = {n: {str(s): b for s, b in sorted(la.slot_birth.items())} for n, la in model.flexlora_layers() if la.slot_birth}
+    config["_slot_birth"] = {
+        name: {str(slot): step for slot, step in sorted(layer.slot_birth.items())}
+        for name, layer in model.flexlora_layers()
+        if layer.slot_birth
+    }
     config["_base_model_name_or_path"] = str(named_base) if named_base else base_model_name_or_path(base)
     config["_flexlora_hf_version"] = __version__
     write_json(os.path.join(save_directory, FLEXLORA_CONFIG_NAME), config)

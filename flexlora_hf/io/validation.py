@@ -68,13 +68,14 @@ def check_count(value: Any, what: str, path: str, *, minimum: int = 0, maximum: 
     return int(value)
 
 
-def read_json(directory: str, name: str, *, required: bool = True) -> Any:
-    """Parse `directory/name`; a missing required file raises `FileNotFoundError`, bad JSON a `ValueError`."""
+def read_json(directory: str, name: str, *, required: bool = True, who: str = "load_flexlora") -> Any:
+    """Parse `directory/name`; a missing required file raises `FileNotFoundError`, bad JSON a `ValueError`; `who`
+    (the public function reading it) starts the message."""
     path = os.path.join(directory, name)
     if not os.path.isfile(path):
         if required:
             raise FileNotFoundError(
-                f"load_flexlora: {name} is missing from {directory}; it is not a complete FlexLoRA adapter folder "
+                f"{who}: {name} is missing from {directory}; it is not a complete FlexLoRA adapter folder "
                 "(save it again with save_pretrained / save_flexlora)."
             )
         return None
@@ -84,7 +85,7 @@ def read_json(directory: str, name: str, *, required: bool = True) -> Any:
     # ValueError covers JSONDecodeError, UnicodeDecodeError and Python's 4300-digit limit on integers; a deeply
     # nested document exhausts the recursion limit.
     except (ValueError, RecursionError) as err:
-        raise ValueError(f"load_flexlora: {path} is not valid JSON ({err}); the file is corrupt or truncated.") from err
+        raise ValueError(f"{who}: {path} is not valid JSON ({err}); the file is corrupt or truncated.") from err
 
 
 def check_rank_map(rank_map: Any, path: str) -> dict[str, int]:
