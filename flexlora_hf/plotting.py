@@ -214,5 +214,5 @@ def plot_rank_history(
     fig.tight_layout()
     if path is not None:
         fig.savefig(os.fspath(path), format="png", bbox_inches="tight")
-        logger.info("Wrote rank heatmap to %s", path)
+        logger.debug("Wrote rank heatmap to %s", path)
     return fig

@@ -36,6 +36,7 @@ def write_rank_history(model: FlexLoRAModel, output_dir: str) -> None:
             plot_rank_history(model, tmp)
 
         atomic_write(os.path.join(output_dir, HEATMAP_NAME), draw)
+        logger.info("Wrote %s and %s to %s", RANK_HISTORY_NAME, HEATMAP_NAME, output_dir)
     except ImportError as err:  # matplotlib missing: the JSON is the record, the picture is a convenience
         global _warned_no_plot
         if _warned_no_plot:
