@@ -49,7 +49,11 @@ from .common import (
 
 logger = logging.getLogger("benchmarks.inference")
 
-DEFAULTS = {"tiny": {"batch_size": 4, "seq_len": 64}, "smollm2": {"batch_size": 4, "seq_len": 128}}
+DEFAULTS = {
+    "tiny": {"batch_size": 4, "seq_len": 64},
+    "smollm2": {"batch_size": 4, "seq_len": 128},
+    "smollm2-random": {"batch_size": 4, "seq_len": 128},
+}
 VARIANTS = (
     "base",
     "flexlora_merged",

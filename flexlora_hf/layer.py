@@ -280,8 +280,8 @@ class FlexLoRALayer(nn.Module):
         orthonormal = self.init_basis == "orthonormal"
         p, q = gaussian_direction(self.out_features, self.in_features, self.init_scale, generator)
         if init in ("small", "orthogonal") or orthonormal:
-            p = orthogonalize(p, self.lora_P.detach()[:, :r].float().cpu())
-            q = orthogonalize(q, self.lora_Q.detach()[:r].float().cpu().T)
+            p = orthogonalize(p, self.lora_P.detach()[:, :r].float().cpu(), near_orthonormal=orthonormal)
+            q = orthogonalize(q, self.lora_Q.detach()[:r].float().cpu().T, near_orthonormal=orthonormal)
         if orthonormal:
             p, q = p / p.norm().clamp_min(1e-30), q / q.norm().clamp_min(1e-30)
         if init == "zero":
