@@ -58,6 +58,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Config fields added after v0.1 -> the behaviour of v0.1, for folders that do not name them.
+LEGACY_DEFAULTS: dict[str, Any] = {"init_basis": "gaussian", "lam_lr_ratio": 1.0, "adam_reset": "shared_step"}
+
 _ADAPTER_TENSOR_NAMES = {"lora_P", "lora_lam", "lora_Q", "lora_active"}
 
 
@@ -184,6 +187,8 @@ def _read_config(
     if not isinstance(raw, dict):
         raise fail(config_path, "must hold a JSON object.")
     fields = {k: v for k, v in raw.items() if not k.startswith("_")}
+    # Folders written before a field existed keep the behaviour they were trained with (not today's default).
+    fields = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in fields}, **fields}
     fields.update(config_overrides or {})
     try:
         config = FlexLoRAConfig.from_dict(fields)
