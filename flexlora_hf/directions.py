@@ -35,10 +35,10 @@ def orthogonalize(v: torch.Tensor, basis: torch.Tensor, *, near_orthonormal: boo
     """
     if basis.numel() == 0 or basis.shape[1] >= basis.shape[0]:
         return v
-    if near_orthonormal:  # float32 is enough: the result only has to be orthogonal to ~1e-7
-        Bt = basis.T.float().contiguous()  # (k, d): rows contiguous (P's columns are strided in (out, R))
+    if near_orthonormal:  # in the basis' own precision (float32 is enough: orthogonal to ~1e-7)
+        Bt = basis.T.contiguous()  # (k, d): rows contiguous (P's columns are strided in (out, R))
         Bt = Bt / Bt.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        w = v.float()  # (d,)
+        w = v.to(Bt.dtype)  # (d,)
         for _ in range(3):
             w = w - Bt.T @ (Bt @ w)
     else:

@@ -280,8 +280,9 @@ class FlexLoRALayer(nn.Module):
         orthonormal = self.init_basis == "orthonormal"
         p, q = gaussian_direction(self.out_features, self.in_features, self.init_scale, generator)
         if init in ("small", "orthogonal") or orthonormal:
-            p = orthogonalize(p, self.lora_P.detach()[:, :r].float().cpu(), near_orthonormal=orthonormal)
-            q = orthogonalize(q, self.lora_Q.detach()[:r].float().cpu().T, near_orthonormal=orthonormal)
+            exact = torch.float64 if self.lora_P.dtype == torch.float64 else torch.float32  # never in bf16/fp16
+            p = orthogonalize(p, self.lora_P.detach()[:, :r].to("cpu", exact), near_orthonormal=orthonormal)
+            q = orthogonalize(q, self.lora_Q.detach()[:r].to("cpu", exact).T, near_orthonormal=orthonormal)
         if orthonormal:
             p, q = p / p.norm().clamp_min(1e-30), q / q.norm().clamp_min(1e-30)
         if init == "zero":
