@@ -121,6 +121,10 @@ class FlexLoRACallback(TrainerCallback):
         write_rank_history(fm, args.output_dir or ".")
 
 
+LORA_TYPICAL_LR = 1e-3
+"""At or below this learning rate `FlexLoRATrainer` logs one line on what to change if FlexLoRA trails LoRA."""
+
+
 def check_distributed_engine(args: TrainingArguments) -> None:
     """Refuse FSDP and DeepSpeed clearly at train start (never silently wrong).
 
@@ -185,6 +189,15 @@ class FlexLoRATrainerMixin:
             else:
                 args = (args[0], targs, *args[2:])
         super().__init__(*args, **kwargs)
+        lr = float(self.args.learning_rate)  # type: ignore[attr-defined]
+        if lr <= LORA_TYPICAL_LR:
+            logger.info(
+                "FlexLoRA: learning_rate=%g is a LoRA-typical rate. Measured at LoRA's best rate, FlexLoRA matched "
+                "LoRA on 2 of 3 tasks and trailed on one (docs/benchmarks.md); if yours trails, try 2x the rate "
+                "(or a larger lam_lr_ratio, now %g).",
+                lr,
+                self.flexlora_model.flexlora_config.lam_lr_ratio,
+            )
 
     @property
     def flexlora_model(self) -> FlexLoRAModel:

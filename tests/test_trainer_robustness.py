@@ -87,3 +87,16 @@ def test_optimizer_with_unresettable_state_is_refused_after_its_first_step(tmp_p
     fm(input_ids=x, labels=x).loss.backward()
     plain.step()
     check_state_layout(plain, layers)  # plain tensors: accepted
+
+
+def test_lora_typical_rate_gets_one_hint(tmp_path, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="flexlora_hf.trainer"):
+        FlexLoRATrainer(model=trainer_llama(), args=training_args(str(tmp_path), learning_rate=1e-3),
+                        train_dataset=lm_dataset(), flexlora_config=FlexLoRAConfig(**SCHED))
+    hints = [r for r in caplog.records if "LoRA-typical rate" in r.getMessage()]
+    assert len(hints) == 1 and "docs/benchmarks.md" in hints[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flexlora_hf.trainer"):
+        FlexLoRATrainer(model=trainer_llama(), args=training_args(str(tmp_path / "b"), learning_rate=5e-3),
+                        train_dataset=lm_dataset(), flexlora_config=FlexLoRAConfig(**SCHED))
+    assert not [r for r in caplog.records if "LoRA-typical rate" in r.getMessage()]
