@@ -192,9 +192,9 @@ class FlexLoRATrainerMixin:
         lr = float(self.args.learning_rate)  # type: ignore[attr-defined]
         if lr <= LORA_TYPICAL_LR:
             logger.info(
-                "FlexLoRA: learning_rate=%g is a LoRA-typical rate. Measured at LoRA's best rate, FlexLoRA matched "
-                "LoRA on 2 of 3 tasks and trailed on one (docs/benchmarks.md); if yours trails, try 2x the rate "
-                "(or a larger lam_lr_ratio, now %g).",
+                "FlexLoRA: learning_rate=%g is a LoRA-typical rate. At LoRA's best rate FlexLoRA was within a point "
+                "of LoRA on 2 of 3 tasks and above it on the third, and its own best rate was 2x LoRA's "
+                "(docs/benchmarks.md); if yours trails, try 2x the rate (or a larger lam_lr_ratio, now %g).",
                 lr,
                 self.flexlora_model.flexlora_config.lam_lr_ratio,
             )
