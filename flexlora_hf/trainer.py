@@ -57,8 +57,8 @@ class FlexLoRACallback(TrainerCallback):
 
     After optimizer step t, if t is on the Δ_T grid inside `(t_warmup, T - t_final]` and b(t) > 0, every module's
     importance is computed, a plan is made (`plan_reallocation`), and `FlexLoRAModel.apply_plan` prunes, expands and
-    resets the optimizer moments of the touched slots in place. Every process of a distributed run computes the same
-    plan from the same (synchronised) λ and draws the same new directions (generator seeded by config seed + step).
+    resets the optimizer moments of the touched slots in place. Every process of a distributed run applies process 0's
+    plan (`events.agree_across_processes`) and draws the same new directions (generator seeded by config seed + step).
     """
 
     def __init__(self) -> None:

@@ -215,6 +215,17 @@ def trained(make: Callable[[], torch.nn.Module], events: int = 3, **kw: Any) -> 
 
 # ---------------------------------------------------------------------------------------------------- examples
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# Every file a saved adapter folder holds (both views, rank map and history, heatmap, card).
+ADAPTER_FILES = (
+    "flexlora_config.json",
+    "flexlora_adapter.safetensors",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "rank_map.json",
+    "rank_history.json",
+    "rank_heatmap.png",
+    "README.md",
+)
 
 
 def load_example(name: str) -> ModuleType:

@@ -19,23 +19,11 @@ from types import ModuleType
 
 import pytest
 import transformers
-from helpers import load_example, tiny_bert, tiny_llama
+from helpers import ADAPTER_FILES, EXAMPLES, load_example, tiny_bert, tiny_llama
 from transformers import HfArgumentParser, TrainingArguments
 
 from flexlora_hf import FlexLoRAConfig
 from flexlora_hf.arguments import FlexLoRAArguments, parse_max_rank, parse_module_list
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-ADAPTER_FILES = (
-    "flexlora_config.json",
-    "flexlora_adapter.safetensors",
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "rank_map.json",
-    "rank_history.json",
-    "rank_heatmap.png",
-    "README.md",
-)
 
 POSITIVE = ["good", "great", "fine", "nice", "lovely", "superb"]
 NEGATIVE = ["bad", "awful", "poor", "nasty", "dreadful", "weak"]

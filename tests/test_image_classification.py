@@ -18,19 +18,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 import torch
-from helpers import load_example
+from helpers import ADAPTER_FILES, EXAMPLES, load_example
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-ADAPTER_FILES = (
-    "flexlora_config.json",
-    "flexlora_adapter.safetensors",
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "rank_map.json",
-    "rank_history.json",
-    "rank_heatmap.png",
-    "README.md",
-)
 SCHEDULE = ["--r", "4", "--lora_alpha", "8", "--b0", "2", "--t_warmup", "4", "--t_final", "4", "--delta_t", "3"]
 COMMON = [
     "--do_train", "--do_eval", "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
