@@ -112,6 +112,9 @@ class FlexLoRALayer(nn.Module):
         self.lora_dropout: nn.Module = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
+        # FSDP2 (sharding.py): P and Q are whole only inside the forward, so eq. 2 is computed and kept there
+        self.orth_in_forward = False
+        self.orth_term: torch.Tensor | None = None
 
         device = self._base_device()
         self.lora_P = nn.Parameter(torch.zeros(self.out_features, capacity, device=device))  # (out, R)
@@ -189,6 +192,8 @@ class FlexLoRALayer(nn.Module):
         h = F.linear(h, self.lora_Q[:r])  # (..., r)
         h = h * (self.lora_lam[:r] * self.scaling)  # (..., r): the scaling folded into the (r,) vector
         delta = F.linear(h, self.lora_P[:, :r])  # (..., out)
+        if self.orth_in_forward and self.training and torch.is_grad_enabled():
+            self.orth_term = self.orth_reg()  # FSDP2: the unsharded P, Q exist only now (sharding.py)
         return result + delta.to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:

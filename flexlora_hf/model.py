@@ -28,6 +28,7 @@ from .importance import importance_batched
 from .layer import FlexLoRALayer, layer_shape
 from .optim_surgery import move_slots, reset_slots
 from .quantization import guard_bnb_cpu
+from .sharding import full_tensor, gathered, orth_terms, refuse_if_sharded, sync_orth_mode
 from .slot_age import SlotAgeCorrection
 from .targets import default_modules_to_save, find_target_modules, matches, resolve_capacity, set_module
 
@@ -82,6 +83,7 @@ class FlexLoRAModel(nn.Module):
                     p.requires_grad_(True)
         self._names = names
         self._layer_cache: list[tuple[str, FlexLoRALayer]] = [(n, model.get_submodule(n)) for n in names]  # type: ignore[misc]
+        self._orth_in_forward = False  # FSDP2: eq. 2 computed inside each layer's forward (sharding.py)
         # Trainer reads the *class*'s forward signature (label names, dataset columns, loss kwargs): specialise the
         # class per base architecture so that signature is the base model's.
         self.__class__ = _specialised_class(type(model))  # type: ignore[assignment,arg-type]
@@ -96,6 +98,7 @@ class FlexLoRAModel(nn.Module):
             return getattr(self.base_model, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        sync_orth_mode(self)  # FSDP2: eq. 2 moves into the layers' forward (sharding.py)
         return self.base_model(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
@@ -131,7 +134,10 @@ class FlexLoRAModel(nn.Module):
         # several, and torch.stack refuses to mix them.
         dev = layers[0][1].lora_lam.device
         R = max(layer.capacity for _, layer in layers)
-        lam = torch.stack([nn.functional.pad(la.lora_lam.detach().to(dev), (0, R - la.capacity)) for _, la in layers])
+        # Under FSDP2 each λ is sharded across processes: importance needs all of it (an all-gather per layer).
+        lam = torch.stack(
+            [nn.functional.pad(full_tensor(la.lora_lam.detach()).to(dev), (0, R - la.capacity)) for _, la in layers]
+        )  # (M, R)
         ranks = torch.tensor([la.rank for _, la in layers], device=dev)  # (M,)
         mask = torch.arange(R, device=dev)[None, :] < ranks[:, None]  # (M, R): active prefixes
         cfg = self.flexlora_config
@@ -141,7 +147,7 @@ class FlexLoRAModel(nn.Module):
 
     def orth_reg(self) -> torch.Tensor:
         """Eq. 2 averaged over adapted matrices (mean, so γ does not scale with the number of modules)."""
-        terms = [layer.orth_reg() for _, layer in self.flexlora_layers()]
+        terms = orth_terms(self.flexlora_layers())  # under FSDP2: the terms of this step's forward
         dev = terms[0].device
         return torch.stack([t.to(dev) for t in terms]).mean()  # per-layer scalars may sit on several devices
 
@@ -181,6 +187,7 @@ class FlexLoRAModel(nn.Module):
         for name, layer in self.flexlora_layers():
             cap = resolve_capacity(cfg, name, layer.in_features, layer.out_features)
             if cap > layer.capacity:
+                refuse_if_sharded(layer, f"finalize_capacity: {name} needs {cap} slots (has {layer.capacity})")
                 layer.grow_capacity(cap)
                 grown = True
         self.capacity_final = True
@@ -207,24 +214,27 @@ class FlexLoRAModel(nn.Module):
         resets: dict[str, list[int]] = {}  # slots whose optimizer state starts at zero
         moves: list[tuple[FlexLoRALayer, int, int]] = []  # (layer, src, dst): state follows a moved direction
         layers = dict(self.flexlora_layers())
-        for name in plan.prune:
-            slot, moved_from = layers[name].prune_smallest()
-            touched.setdefault(name, []).append(slot)
-            if moved_from is None:
+        involved = set(plan.prune) | set(plan.expand)
+        # FSDP2: whole copies of the touched layers and their moments during the edit (a no-op otherwise).
+        with gathered([layer for name, layer in layers.items() if name in involved], optimizer):
+            for name in plan.prune:
+                slot, moved_from = layers[name].prune_smallest()
+                touched.setdefault(name, []).append(slot)
+                if moved_from is None:
+                    resets.setdefault(name, []).append(slot)
+                else:  # the last active direction now fills the hole; its old slot is free (and zeroed by the move)
+                    moves.append((layers[name], moved_from, slot))
+                    touched[name].append(moved_from)
+            for name in plan.expand:  # fixed order -> the same draws on every process
+                birth = step if cfg.adam_reset == "slot_age" else None  # young slots: their own Adam bias correction
+                slot = layers[name].expand(gen, init=cfg.expansion_init, small_value=cfg.small_init_value, step=birth)
+                touched.setdefault(name, []).append(slot)
                 resets.setdefault(name, []).append(slot)
-            else:  # the last active direction now fills the hole; its old slot is free (and zeroed by the move)
-                moves.append((layers[name], moved_from, slot))
-                touched[name].append(moved_from)
-        for name in plan.expand:  # fixed order -> the same draws on every process
-            birth = step if cfg.adam_reset == "slot_age" else None  # young slots get their own Adam bias correction
-            slot = layers[name].expand(gen, init=cfg.expansion_init, small_value=cfg.small_init_value, step=birth)
-            touched.setdefault(name, []).append(slot)
-            resets.setdefault(name, []).append(slot)
-        if optimizer is not None and touched:
-            move_slots(optimizer, moves)
-            reset_slots(optimizer, [(layers[n], slots) for n, slots in resets.items()])
-            if cfg.adam_reset == "slot_age":
-                SlotAgeCorrection.attach(optimizer, step, layers.values())
+            if optimizer is not None and touched:
+                move_slots(optimizer, moves)
+                reset_slots(optimizer, [(layers[n], slots) for n, slots in resets.items()])
+        if optimizer is not None and touched and cfg.adam_reset == "slot_age":
+            SlotAgeCorrection.attach(optimizer, step, layers.values())
         return touched
 
     # ------------------------------------------------------------------ adapters on/off
@@ -250,6 +260,13 @@ class FlexLoRAModel(nn.Module):
         """
         return update_and_allocate(self, global_step, optimizer)
 
+    def attach_optimizer(self, optimizer: Any, global_step: int = 0) -> None:
+        """Hook the per-direction Adam correction (`adam_reset="slot_age"`) of the directions still young at
+        `global_step` onto `optimizer`. Custom loops call it once when they resume (after loading the adapter and the
+        optimizer state; `FlexLoRATrainer` does it at train start); events attach it themselves."""
+        if self.flexlora_config.adam_reset == "slot_age":
+            SlotAgeCorrection.attach(optimizer, global_step, [layer for _, layer in self.flexlora_layers()])
+
     def to_lora_config(self, *, alpha_policy: str = "constant_scale", **kwargs: Any) -> Any:
         """A `peft.LoraConfig` with this model's rank allocation, to train a plain LoRA with FlexLoRA's ranks;
         see `flexlora_hf.transfer.to_lora_config` (`alpha_policy="constant_scale"` keeps the scale lora_alpha / r)."""
@@ -259,7 +276,8 @@ class FlexLoRAModel(nn.Module):
 
     # ------------------------------------------------------------------ persistence (io/, hub.py)
     def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
-        """Save both views, rank map, history, heatmap and card; see `flexlora_hf.save_flexlora`."""
+        """Save both views, rank map, history, heatmap and card; see `flexlora_hf.save_flexlora` (under FSDP2 call
+        it on every process: the adapter is gathered, a collective; process 0 writes)."""
         from .io.save import save_flexlora
 
         save_flexlora(self, save_directory, **kwargs)
@@ -345,6 +363,7 @@ def _specialised_class(base_cls: Any) -> type:
     (`FlexLoRABertForQuestionAnswering`) because transformers' `find_labels` also looks at the class name."""
 
     def forward(self: FlexLoRAModel, *args: Any, **kwargs: Any) -> Any:
+        sync_orth_mode(self)  # FSDP2: eq. 2 moves into the layers' forward (sharding.py)
         return self.base_model(*args, **kwargs)
 
     forward.__signature__ = inspect.signature(base_cls.forward)  # type: ignore[attr-defined]

@@ -14,7 +14,7 @@ where k is the slot's own age in optimizer steps and t the tensor's step count: 
 a fresh Adam (up to ε), and every other slice is untouched. A slot is dropped once |c - 1| < `tol`. Decoupled weight
 decay is scaled with the update (λ has none; P and Q rarely do). Each layer owns its slots' birth steps
 (`FlexLoRALayer.slot_birth`, saved with the adapter so resume is exact); ages are counted on the host, so the hooks
-never synchronise with the device. Cost: two small gathers and one scatter per young slot tensor per step, and only
+never synchronise with the device. Under FSDP2 each process corrects the young slots of its own shard. Cost: two small gathers and one scatter per young slot tensor per step, and only
 while some direction is young.
 
 Optimizers without Adam's `betas` (SGD) get no hooks: their steps do not depend on a step counter.
@@ -31,6 +31,12 @@ from torch import nn
 
 from .layer import FlexLoRALayer
 from .optim_surgery import unwrap_optimizer
+from .sharding import is_dtensor, local_slots
+
+
+def _local(param: Any) -> torch.Tensor:
+    """The tensor a step updates in place: the parameter's data, or its local shard under FSDP2."""
+    return param.to_local() if is_dtensor(param) else param.data
 
 _ATTR = "_flexlora_slot_age"
 
@@ -58,7 +64,7 @@ class SlotAgeCorrection:
             id(p): (float(g["betas"][0]), float(g["betas"][1])) for g in optimizer.param_groups for p in g["params"]
         }
         self._before: list[tuple[FlexLoRALayer, list[tuple[nn.Parameter, int, torch.Tensor]]]] = []
-        self._cache: dict[tuple[int, str, tuple[tuple[int, int], ...]], tuple[list[int], torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple[int, int, tuple[tuple[int, int], ...]], tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles = [optimizer.register_step_pre_hook(self._pre), optimizer.register_step_post_hook(self._post)]
 
     @classmethod
@@ -84,15 +90,18 @@ class SlotAgeCorrection:
         return sum(len(layer.slot_birth) for layer in self.layers)
 
     # ------------------------------------------------------------------ hooks
-    def _young(self, layer: FlexLoRALayer, device: torch.device) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-        """(slots, slot index tensor, birth-step tensor) on `device`, rebuilt only when the young set changes, so a
-        step copies nothing from the host."""
-        key = (id(layer), str(device), tuple(sorted(layer.slot_birth.items())))
+    def _young(self, layer: FlexLoRALayer, param: Any, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index tensor, birth-step tensor) of the young slots of `layer` that this process holds in `param`
+        (all of them, or those of its FSDP2 shard), on the parameter's device; rebuilt only when the young set
+        changes, so a step copies nothing from the host."""
+        key = (id(layer), id(param), tuple(sorted(layer.slot_birth.items())))
         if key not in self._cache:
             slots = sorted(layer.slot_birth)
-            births = [float(layer.slot_birth[s]) for s in slots]
-            self._cache[key] = (slots, torch.tensor(slots, device=device), torch.tensor(births, device=device))
-            if len(self._cache) > 4 * len(self.layers) + 16:  # stale entries of earlier young sets
+            _, positions, local_idx = local_slots(param, dim, slots)
+            births = [float(layer.slot_birth[slots[i]]) for i in positions]
+            device = param.device
+            self._cache[key] = (torch.tensor(local_idx, device=device), torch.tensor(births, device=device))
+            if len(self._cache) > 12 * len(self.layers) + 16:  # stale entries of earlier young sets
                 self._cache = {k: v for k, v in self._cache.items() if k[2] == key[2] or k[0] != key[0]}
         return self._cache[key]
 
@@ -105,8 +114,9 @@ class SlotAgeCorrection:
             snaps = []
             for param, dim in ((layer.lora_P, 1), (layer.lora_lam, 0), (layer.lora_Q, 0)):
                 if id(param) in self._betas:
-                    _, idx, _ = self._young(layer, param.device)
-                    snaps.append((param, dim, param.detach().index_select(dim, idx)))  # young slices before the step
+                    idx, _ = self._young(layer, param, dim)
+                    if idx.numel():  # young slices before the step (of this process's shard under FSDP2)
+                        snaps.append((param, dim, _local(param).index_select(dim, idx)))
             self._before.append((layer, snaps))
 
     @torch.no_grad()
@@ -116,14 +126,15 @@ class SlotAgeCorrection:
         for layer, snaps in self._before:
             for param, dim, before in snaps:
                 beta1, beta2 = self._betas[id(param)]
-                slots, idx, births = self._young(layer, param.device)
+                idx, births = self._young(layer, param, dim)
                 k = t - births  # (n,) each slot's age, on the device
                 fresh = torch.sqrt(1.0 - torch.pow(beta2, k)) / (1.0 - torch.pow(beta1, k))
                 c = fresh / (math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))  # (n,) correction(k, t)
                 shape = [1] * param.dim()
-                shape[dim] = len(slots)
-                after = param.detach().index_select(dim, idx)
-                param.data.index_copy_(dim, idx, before + c.to(param.dtype).view(shape) * (after - before))
+                shape[dim] = int(idx.numel())
+                local = _local(param)
+                after = local.index_select(dim, idx)
+                local.index_copy_(dim, idx, before + c.to(local.dtype).view(shape) * (after - before))
             beta1, beta2 = self._betas.get(id(layer.lora_lam), (0.9, 0.999))
             for s in sorted(layer.slot_birth):  # old enough (host arithmetic): fresh and shared Adam now agree
                 if abs(correction(self.step - layer.slot_birth[s], self.step, beta1, beta2) - 1.0) < self.tol:

@@ -33,7 +33,6 @@ from .events import event_logs, update_and_allocate, validate_schedule
 from .io.history import write_rank_history
 from .model import FlexLoRAModel, get_flexlora_model
 from .optim_surgery import check_optimizer_supported, check_state_layout, split_lambda_group
-from .slot_age import SlotAgeCorrection
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +98,8 @@ class FlexLoRACallback(TrainerCallback):
         optimizer = kwargs.get("optimizer")
         if optimizer is not None:
             check_optimizer_supported(optimizer)
-            if cfg.adam_reset == "slot_age" and any(layer.slot_birth for _, layer in fm.flexlora_layers()):
-                # resumed with young directions (their births were saved with the checkpoint)
-                SlotAgeCorrection.attach(optimizer, state.global_step, [layer for _, layer in fm.flexlora_layers()])
+            if any(layer.slot_birth for _, layer in fm.flexlora_layers()):
+                fm.attach_optimizer(optimizer, state.global_step)  # resumed with young directions (births were saved)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         fm = unwrap_flexlora(kwargs["model"])
@@ -126,18 +124,21 @@ LORA_TYPICAL_LR = 1e-3
 
 
 def check_distributed_engine(args: TrainingArguments) -> None:
-    """Refuse FSDP and DeepSpeed clearly at train start (never silently wrong).
+    """Refuse FSDP and DeepSpeed in the Trainer clearly at train start (never silently wrong).
 
-    Both shard parameters and optimizer states (FSDP2 along dim 0, i.e. across the slot dimension of λ and Q; FSDP1
-    and ZeRO into flat buffers), so scoring, slot moves and per-direction optimizer resets would act on shards.
+    FSDP2 works in a custom loop (`fully_shard`; `sharding.py`, tested on 2 CPU processes). Through the Trainer it is
+    refused: checkpoint saving would have to gather the adapter on every process (the Trainer saves on process 0
+    only), and on CPU accelerate silently falls back to DDP, so that path cannot be tested here. FSDP1 and DeepSpeed
+    ZeRO flatten parameters and optimizer states into buffers in which a direction is no longer addressable.
     """
     engine = "FSDP" if getattr(args, "fsdp", None) else "DeepSpeed" if getattr(args, "deepspeed", None) else None
     if engine:
         raise ValueError(
-            f"FlexLoRA does not support {engine} yet: it shards the adapter's parameters and optimizer states, and "
-            "rank reallocation needs whole λ vectors and per-direction optimizer state. Use DDP (torchrun / "
-            "accelerate launch without an FSDP or DeepSpeed config): adapter training on a 4-bit base "
-            "(load_base_model(..., load_in_4bit=True)) fits LLaMA3-8B on one GPU per process."
+            f"FlexLoRATrainer does not support {engine}: rank reallocation needs whole λ vectors and per-direction "
+            "optimizer state, which the Trainer's sharded engines do not expose. Use DDP (torchrun / accelerate "
+            "launch without an FSDP or DeepSpeed config; adapter training on a 4-bit base fits LLaMA3-8B on one GPU "
+            "per process), or FSDP2 in your own loop: fully_shard the FlexLoRA model and call "
+            "model.update_and_allocate(step, optimizer) after each step (examples/fsdp2_loop.py)."
         )
 
 

@@ -20,6 +20,7 @@ from ..constants import (
     RANK_MAP_NAME,
     __version__,
 )
+from ..sharding import gathered, is_sharded
 from .atomic import write_json, write_text
 from .history import write_rank_history
 from .native import native_state, write_safetensors
@@ -47,7 +48,8 @@ def save_flexlora(
         safe_serialization (`bool`, *optional*, defaults to `True`): kept for `save_pretrained` compatibility;
             weights are always safetensors, and `False` raises.
         is_main_process (`bool`, *optional*, defaults to `True`): only the main process writes (distributed
-            training calls this on every rank).
+            training calls this on every rank). Under FSDP2 every process must call it (the adapter is gathered);
+            process 0 writes.
         model_card_kwargs (`dict`, *optional*): keyword arguments for `build_model_card` (`base_model`,
             `datasets`, `metrics`, `eval_results`, `training_args`, `pipeline_tag`, `repo_id`). `base_model` (a Hub
             id) also becomes `base_model_name_or_path` in `adapter_config.json` and `flexlora_config.json`.
@@ -60,6 +62,20 @@ def save_flexlora(
             "save_flexlora: FlexLoRA adapters are only saved as safetensors (pickle files can run code when loaded); "
             "drop safe_serialization=False."
         )
+    layers = [layer for _, layer in model.flexlora_layers()]
+    if any(is_sharded(layer) for layer in layers):  # FSDP2: every process gathers (a collective), process 0 writes
+        import torch.distributed as dist
+
+        with gathered(layers):
+            _save(model, save_directory, is_main_process and dist.get_rank() == 0, model_card_kwargs)
+        return
+    _save(model, save_directory, is_main_process, model_card_kwargs)
+
+
+def _save(
+    model: FlexLoRAModel, save_directory: str | os.PathLike[str], is_main_process: bool,
+    model_card_kwargs: Mapping[str, Any] | None,
+) -> None:
     if not is_main_process:
         return
     save_directory = os.fspath(save_directory)
