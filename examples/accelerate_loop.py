@@ -19,7 +19,16 @@ Example (offline, real model; a text file with one document per line)::
     accelerate launch examples/accelerate_loop.py --model_name_or_path "$(python -m flexlora_hf.data.assets smollm2)" \\
         --train_file my_corpus.txt --max_steps 40 --output_dir outputs/loop_smollm2
 
-A test (tests/test_accelerate_loop.py) checks that this loop and the Trainer make the same rank decisions.
+FSDP2 (``fully_shard``): the same loop, launched with torchrun and ``--fsdp2``; every decoder block and the model are
+sharded, each process trains on its rows of every batch, and every process calls ``save_pretrained`` (the adapter
+is gathered; process 0 writes). Nothing else changes: events gather the touched layers, eq. 2 is taken inside the
+forward (``flexlora_hf/sharding.py``)::
+
+    torchrun --nproc_per_node 2 examples/accelerate_loop.py --fsdp2 --model_name_or_path ... --train_file ... \\
+        --output_dir outputs/loop_fsdp2
+
+A test (tests/test_accelerate_loop.py) checks that this loop and the Trainer make the same rank decisions;
+tests/test_fsdp2.py that the FSDP2 loop matches an unsharded run, resume included.
 """
 
 from __future__ import annotations
@@ -103,22 +112,25 @@ def main(argv: list[str] | None = None) -> FlexLoRAModel:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--block_size", type=int, default=128)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
-    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--lora_r", "--r", dest="r", type=int, default=8, help="Initial rank (--lora_r under torchrun, which takes --r for its own).")
     parser.add_argument("--target_modules", default="q_proj,k_proj,v_proj,up_proj,down_proj")
+    parser.add_argument("--fsdp2", action="store_true", help="Shard with FSDP2 fully_shard (launch with torchrun).")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
-    accelerator = Accelerator()
+    accelerator = None if args.fsdp2 else Accelerator()
+    device = _init_fsdp2() if args.fsdp2 else accelerator.device  # type: ignore[union-attr]
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     with open(args.train_file, encoding="utf-8") as f:
         ids = tokenizer("\n".join(line.strip() for line in f if line.strip()))["input_ids"]
     blocks = torch.tensor(ids[: len(ids) // args.block_size * args.block_size]).view(-1, args.block_size)
     if len(blocks) == 0:
         raise ValueError(f"{args.train_file} holds fewer than --block_size={args.block_size} tokens.")
-    batches = [
-        {"input_ids": b.to(accelerator.device), "labels": b.to(accelerator.device)}
-        for b in blocks.split(args.batch_size)
-    ]
+    if args.fsdp2:  # each process takes its rows of every global batch (FSDP averages the gradients)
+        import torch.distributed as dist
+
+        blocks = blocks[dist.get_rank() :: dist.get_world_size()]
+    batches = [{"input_ids": b.to(device), "labels": b.to(device)} for b in blocks.split(args.batch_size)]
     base = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
     third = max(1, args.max_steps // 5)
     config = FlexLoRAConfig(  # FlexLoRA: the adapter and its schedule, with the run's length
@@ -130,12 +142,38 @@ def main(argv: list[str] | None = None) -> FlexLoRAModel:
         total_steps=args.max_steps,
     )
     model = get_flexlora_model(base, config)
+    if args.fsdp2:
+        shard_fsdp2(model.to(device))  # after total_steps fixed the slots, before the optimizer is built
     model = train_loop(
         model, batches, max_steps=args.max_steps, learning_rate=args.learning_rate, accelerator=accelerator
     )
-    if accelerator.is_main_process:
-        model.save_pretrained(args.output_dir)
+    if args.fsdp2 or accelerator.is_main_process:  # type: ignore[union-attr]
+        model.save_pretrained(args.output_dir)  # FSDP2: on every process (a gather); process 0 writes
         logger.info("Saved the adapter (total rank %d) to %s", model.total_rank(), args.output_dir)
+    return model
+
+
+def _init_fsdp2() -> torch.device:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def shard_fsdp2(model: FlexLoRAModel) -> FlexLoRAModel:
+    """`fully_shard` every block transformers would not split (`_no_split_modules`, e.g. LlamaDecoderLayer), then
+    the whole model, as accelerate's FSDP2 auto-wrap does."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(getattr(model.get_base_model(), "_no_split_modules", None) or ())
+    for module in list(model.modules()):
+        if type(module).__name__ in names:
+            fully_shard(module)
+    fully_shard(model)
     return model
 
 
