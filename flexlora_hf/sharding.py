@@ -32,13 +32,24 @@ from torch import nn
 ADAPTER_PARAMS = ("lora_P", "lora_lam", "lora_Q")
 
 
+def _dtensor_class() -> type | None:
+    global _DTENSOR
+    if _DTENSOR is False:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # torch built without distributed support
+            DTensor = None  # type: ignore[assignment,misc]  # noqa: N806
+        _DTENSOR = DTensor
+    return _DTENSOR  # type: ignore[return-value]
+
+
+_DTENSOR: Any = False  # resolved on first use (checked at every training forward: keep it a dict-free lookup)
+
+
 def is_dtensor(t: Any) -> bool:
     """Whether `t` is a DTensor (FSDP2 / tensor-parallel sharded); False when torch lacks DTensor support."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        return False
-    return isinstance(t, DTensor)
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -73,7 +84,7 @@ def uses_fsdp2(model: nn.Module, layers: Iterable[nn.Module]) -> bool:
     base = getattr(model, "base_model", None)
     if isinstance(model, FSDPModule) or isinstance(base, FSDPModule):
         return True
-    return any(is_sharded(layer) for layer in layers)
+    return any(is_dtensor(layer._parameters.get("lora_lam")) for layer in layers)
 
 
 def sync_orth_mode(model: Any) -> None:
