@@ -38,6 +38,7 @@ def _check_matches_reference(meta: list[dict]) -> None:
         worst = max(m["diff"].items(), key=lambda kv: kv[1])
         assert worst[1] < TOL, worst  # P, λ, Q and both AdamW moments of every slot
     assert meta[0]["events"] == meta[1]["events"]
+    assert (meta[0]["local_slots"], meta[1]["local_slots"]) == (3, 2)  # 5 slots: uneven shards
     # Some event pruned a module using slots of process 1's shard (rank above the slots process 0 holds), so a
     # direction (and its moments) moved from one process's shard into the other's, or was removed there.
     local, events = meta[0]["local_slots"], meta[0]["events"]
