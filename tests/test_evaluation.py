@@ -30,6 +30,8 @@ from flexlora_hf.evaluation import FlexLoRALM, evaluate_adapter, results_table  
 from flexlora_hf.tasks import TASKS_DIR  # noqa: E402
 from flexlora_hf.tasks.utils import (  # noqa: E402
     LLM_ADAPTERS_DATASETS,
+    bigbench_recipe_doc_to_choice,
+    bigbench_recipe_doc_to_text,
     bigbench_to_commonsense,
     bigbench_train_eval_split,
     extract_llm_adapters_answer,
@@ -257,6 +259,7 @@ def test_shipped_task_configs_are_indexed():
     assert {"flexlora_commonsense", "flexlora_llm_adapters"} <= set(manager.all_groups)
     expected = {f"flexlora_llm_adapters_{k}" for k in LLM_ADAPTERS_DATASETS}
     expected |= {"flexlora_bigbench_social_iqa", "flexlora_bigbench_strategyqa"}
+    expected |= {"flexlora_bigbench_social_iqa_recipe", "flexlora_bigbench_strategyqa_recipe"}
     assert expected <= set(manager.all_tasks)
     import yaml
 
@@ -372,6 +375,26 @@ def test_bigbench_to_commonsense_formats():
     assert rows[1]["answer"] == "false" and rows[1]["instruction"].endswith("Answer format: true/false")
     assert extract_llm_adapters_answer("social_i_qa", rows[0]["output"]) == rows[0]["answer"]
     assert extract_llm_adapters_answer("boolq", rows[1]["output"]) == rows[1]["answer"]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"question": "Why did  Tracy go?\n", "choices": ["a", "b", "c"], "label": 2},
+        {"question": "Is frost common?", "choices": ["Yes", "No"], "label": 1},
+        {"question": "Is frost rare?", "choices": ["No", "Yes"], "label": 1},
+    ],
+)
+def test_bigbench_recipe_task_scores_the_trained_answer(record):
+    """The `_recipe` tasks: LLM-Adapters' evaluation prompt of the make_data.py row, and the gold choice continues it
+    into exactly the trained output (`the correct answer is <answer>`)."""
+    row = bigbench_to_commonsense([record])[0]
+    context = bigbench_recipe_doc_to_text(record)
+    choices = bigbench_recipe_doc_to_choice(record)
+    assert context.startswith(llm_adapters_prompt(row["instruction"]))
+    assert context + " " + choices[record["label"]] == llm_adapters_prompt(row["instruction"]) + row["output"]
+    assert len(set(choices)) == len(record["choices"])
+    assert all(extract_llm_adapters_answer("social_i_qa" if len(choices) > 2 else "boolq", c) == c for c in choices)
 
 
 # ---------------------------------------------------------------------------------------------- BIG-bench data
@@ -611,6 +634,53 @@ def test_commonsense_example_end_to_end_on_cpu(tiny_base, toy_bigbench, tmp_path
         tiny_base, out, "flexlora_bigbench_social_iqa", load_in_4bit=True, metadata={"data_dir": str(tmp_path / "eval")}
     )
     assert results["n-samples"]["flexlora_bigbench_social_iqa"]["effective"] == 5
+
+
+def test_commonsense_example_lora_baseline_on_cpu(tiny_base, toy_bigbench, tmp_path):
+    """finetune.py --baseline lora: a PEFT LoRA at FlexLoRA's budget (same r, alpha, dropout, modules) on the 4-bit
+    base, saved as a PEFT folder that lm-eval scores; gradients still flow after the mid-run evaluation."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "commonsense"))
+    try:
+        import finetune
+        import make_data
+    finally:
+        sys.path.pop(0)
+    pytest.importorskip("bitsandbytes")
+    from safetensors.torch import load_file
+
+    data = make_data.main(["--output", str(tmp_path / "train.json"), "--tasks", "social_iqa"])
+    argv = [
+        "--model_name_or_path", tiny_base, "--load_in_4bit", "--data_path", data, "--output_dir", str(tmp_path / "ft"),
+        "--val_set_size", "4", "--r", "2", "--lora_alpha", "8", "--lora_dropout", "0.05",
+        "--target_modules", "q_proj,v_proj,down_proj", "--b0", "2", "--t_warmup", "2", "--t_final", "2",
+        "--delta_t", "2", "--max_steps", "6", "--per_device_train_batch_size", "4", "--eval_strategy", "steps",
+        "--eval_steps", "3", "--logging_steps", "1", "--use_cpu", "--report_to", "none", "--save_strategy", "no",
+        "--learning_rate", "1e-2", "--disable_tqdm", "true", "--baseline", "lora",
+    ]  # fmt: skip
+    out = Path(finetune.main(argv))
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "eval_results.json"} <= names
+    assert not {"flexlora_config.json", "rank_history.json"} & names  # a plain PEFT adapter, no FlexLoRA files
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"], config["lora_dropout"]) == ("LORA", 2, 8, 0.05)
+    assert set(config["target_modules"]) == {"q_proj", "v_proj", "down_proj"}
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    lora_b = [t for name, t in weights.items() if "lora_B" in name]
+    assert len(lora_b) == 3 * 2 and all(t.abs().sum() > 0 for t in lora_b)  # 2 layers x 3 modules, all trained
+    logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in logs if "eval_loss" in e][:2] == [3, 6]
+    after_eval = [e["grad_norm"] for e in logs if "grad_norm" in e and e["step"] > 3]
+    assert len(after_eval) == 3 and min(after_eval) > 0  # the bitsandbytes CPU guard covers PEFT LoRA too
+
+    prepare_bigbench_eval_data(tmp_path / "eval", ["social_iqa"])
+    tasks = ["flexlora_bigbench_social_iqa_recipe", "flexlora_bigbench_social_iqa"]
+    results = evaluate_adapter(
+        tiny_base, str(out), tasks, load_in_4bit=True, metadata={"data_dir": str(tmp_path / "eval")}, log_samples=True
+    )
+    assert all(results["n-samples"][t]["effective"] == 5 for t in tasks)
+    sample = results["samples"]["flexlora_bigbench_social_iqa_recipe"][0]
+    assert sample["arguments"][0][0].endswith("the correct answer is")
+    assert [a[1] for a in sample["arguments"]] == [" answer1", " answer2", " answer3"]
 
 
 # ---------------------------------------------------------------------------------------------- real model

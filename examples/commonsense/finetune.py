@@ -8,9 +8,17 @@ truncated to `--cutoff_len` tokens, EOS appended; the loss is masked on the prom
 it as LLM-Adapters' default does). `--val_set_size` rows are held out (seed 42) for the Trainer's evaluation.
 
 Model: `--load_in_4bit` loads the base in 4-bit NF4 with double quantisation (QLoRA) via
-`flexlora_hf.quantization.load_base_model`; otherwise bf16 on GPU / fp32 on CPU. `FlexLoRATrainer` wraps it with
-FlexLoRA adapters and performs the rank reallocation events; the adapter (native FlexLoRA files + a stock PEFT LoRA
-view) is saved to `--output_dir` together with the rank history and heatmap.
+`flexlora_hf.quantization.load_base_model` (PEFT's `prepare_model_for_kbit_training` plus the bitsandbytes CPU
+guard); otherwise bf16 on GPU / fp32 on CPU. `FlexLoRATrainer` wraps it with FlexLoRA adapters and performs the rank
+reallocation events; the adapter (native FlexLoRA files + a stock PEFT LoRA view) is saved to `--output_dir`
+together with the rank history and heatmap.
+
+Baseline: `--baseline lora` trains a plain PEFT LoRA instead, at equal budget: `peft.LoraConfig` with the same
+`--r`, `--lora_alpha`, `--lora_dropout`, `--target_modules` and `--modules_to_save` (FlexLoRA conserves the total
+rank, so the same r on the same matrices is the same final budget), on the same base (4-bit included), data and
+`TrainingArguments`, with `transformers.Trainer`. The FlexLoRA-only flags (`--b0`, `--t_warmup`, ...) are ignored.
+The output folder is a stock PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`), which
+`flexlora-hf eval --adapter` also scores.
 
 Evaluate afterwards with lm-eval, e.g. the LLM-Adapters protocol of Table 2:
 
@@ -38,13 +46,22 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import AutoTokenizer, DataCollatorForSeq2Seq, HfArgumentParser, TrainingArguments
+from transformers import (
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 
-from flexlora_hf import FlexLoRAArguments, FlexLoRATrainer
+from flexlora_hf import FlexLoRAArguments, FlexLoRAConfig, FlexLoRATrainer
 from flexlora_hf.quantization import load_base_model
 from flexlora_hf.tasks.utils import llm_adapters_train_prompt
 
 logger = logging.getLogger("finetune")
+
+BASELINES = ("none", "lora")
 
 
 @dataclass
@@ -56,6 +73,15 @@ class ModelArguments:
     )
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, eager, flash_attention_2."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the Hub."})
+    baseline: str = field(
+        default="none",
+        metadata={
+            "help": "none: train FlexLoRA (FlexLoRATrainer). lora: train a plain PEFT LoRA with the same r, "
+            "lora_alpha, lora_dropout and target_modules (equal budget) with transformers.Trainer, saved as a PEFT "
+            "adapter folder.",
+            "choices": list(BASELINES),
+        },
+    )
 
 
 @dataclass
@@ -121,6 +147,61 @@ def build_datasets(data_args: DataArguments, tokenizer: Any) -> tuple[Any, Any]:
     return dataset, eval_dataset
 
 
+def build_lora_trainer(
+    model: Any,
+    flexlora_config: FlexLoRAConfig,
+    training_args: TrainingArguments,
+    train_dataset: Any,
+    eval_dataset: Any,
+    tokenizer: Any,
+    data_collator: Any,
+) -> Trainer:
+    """The `--baseline lora` trainer: a PEFT LoRA at FlexLoRA's budget on `model`, trained by `transformers.Trainer`.
+
+    Args:
+        model (`PreTrainedModel`): the frozen base from `load_base_model` (for a 4-bit base already prepared with
+            PEFT's `prepare_model_for_kbit_training`, as QLoRA users do).
+        flexlora_config (`FlexLoRAConfig`): the parsed FlexLoRA flags; `r`, `lora_alpha`, `lora_dropout`,
+            `target_modules` and `modules_to_save` are copied to `peft.LoraConfig` (same matching rules: names match
+            as suffixes, a string is a full-match regex, `None` is every linear layer but the output head).
+        training_args (`TrainingArguments`), train_dataset, eval_dataset, tokenizer, data_collator: as for
+            `FlexLoRATrainer`.
+
+    Returns:
+        `transformers.Trainer`: over the `PeftModel`; `save_model` writes a stock PEFT adapter folder.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    lora_config = LoraConfig(
+        r=flexlora_config.r,
+        lora_alpha=flexlora_config.lora_alpha,
+        lora_dropout=flexlora_config.lora_dropout,
+        target_modules=flexlora_config.target_modules or "all-linear",
+        modules_to_save=flexlora_config.modules_to_save or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora_config)
+    if training_args.should_log:
+        trainable, total = peft_model.get_nb_trainable_parameters()
+        logger.info(
+            "PEFT LoRA baseline: r=%d, alpha=%g on %d matrices; %d trainable parameters of %d",
+            lora_config.r,
+            lora_config.lora_alpha,
+            sum(1 for name, _ in peft_model.named_modules() if name.endswith(".lora_A.default")),
+            trainable,
+            total,
+        )
+    return Trainer(
+        model=peft_model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=data_collator,
+    )
+
+
 def parse_args(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, FlexLoRAArguments, TrainingArguments]:
@@ -151,6 +232,7 @@ def main(argv: list[str] | None = None) -> str:
         train_dataset, eval_dataset = build_datasets(data_args, tokenizer)
     logger.info("%d training rows, %d eval rows", len(train_dataset), len(eval_dataset) if eval_dataset else 0)
 
+    set_seed(training_args.seed)  # before the model and adapter are built (PEFT's LoRA init draws from torch's RNG)
     compute_dtype = None if model_args.compute_dtype == "auto" else getattr(torch, model_args.compute_dtype)
     load_kwargs: dict[str, Any] = {"trust_remote_code": model_args.trust_remote_code}
     if model_args.attn_implementation:
@@ -164,23 +246,30 @@ def main(argv: list[str] | None = None) -> str:
     )
     training_args.gradient_checkpointing = False  # load_base_model has set it up (non-reentrant, input grads)
     if training_args.label_names is None:
-        training_args.label_names = ["labels"]  # FlexLoRAModel's class signature hides `labels` from the Trainer
+        training_args.label_names = ["labels"]  # FlexLoRAModel's / PeftModel's signature hides `labels`
     if eval_dataset is None and training_args.eval_strategy != "no":
         training_args.eval_strategy = transformers.IntervalStrategy.NO
 
-    trainer = FlexLoRATrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
-        flexlora_config=flex_args.to_flexlora_config(seed=training_args.seed),
-    )
-    if trainer.is_world_process_zero():
-        trainer.flexlora_model.print_trainable_parameters()
+    collator = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
+    flexlora_config = flex_args.to_flexlora_config(seed=training_args.seed)
+    if model_args.baseline == "lora":
+        trainer = build_lora_trainer(
+            model, flexlora_config, training_args, train_dataset, eval_dataset, tokenizer, collator
+        )
+    else:
+        trainer = FlexLoRATrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            data_collator=collator,
+            flexlora_config=flexlora_config,
+        )
+        if trainer.is_world_process_zero():
+            trainer.flexlora_model.print_trainable_parameters()
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)  # FlexLoRA adapter + PEFT LoRA view + tokenizer
+    trainer.save_model(training_args.output_dir)  # FlexLoRA: adapter + PEFT LoRA view; LoRA: PEFT folder; + tokenizer
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
@@ -188,9 +277,14 @@ def main(argv: list[str] | None = None) -> str:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
-    logger.info(
-        "Adapter saved to %s (final ranks: total %d)", training_args.output_dir, trainer.flexlora_model.total_rank()
-    )
+    if model_args.baseline == "lora":
+        logger.info("PEFT LoRA adapter saved to %s", training_args.output_dir)
+    else:
+        logger.info(
+            "Adapter saved to %s (final ranks: total %d)",
+            training_args.output_dir,
+            trainer.flexlora_model.total_rank(),
+        )
     return str(training_args.output_dir)
 
 

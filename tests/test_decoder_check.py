@@ -1,0 +1,100 @@
+"""The decoder-check benchmark's plan, its finetune.py command line and its report, without the real model.
+
+The benchmark itself (SmolLM2-135M, ~45 min) is not run here: `python -m benchmarks.decoder_check --smoke` is its
+pipeline check. These tests cover what it decides: which runs, with which recipe flags, and how records aggregate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import load_example
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `benchmarks` is a top-level package of the repository, not of the wheel
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from benchmarks import decoder_check  # noqa: E402
+
+
+def test_plan_interleaves_methods_and_scores_the_base_once():
+    runs = decoder_check.planned_runs([0, 1, 2], decoder_check.METHODS)
+    keys = [decoder_check.run_key(r["method"], r["seed"]) for r in runs]
+    assert keys[-1] == "base" and keys.count("base") == 1 and len(set(keys)) == 7
+    for wave in (runs[0:2], runs[2:4], runs[4:6]):  # two workers: each wave trains both methods on one seed
+        assert {r["method"] for r in wave} == {"flexlora", "lora"} and len({r["seed"] for r in wave}) == 1
+
+
+def test_args_defaults_smoke_and_worker_flags(tmp_path):
+    args, flags = decoder_check.parse_args([])
+    assert args.settings == decoder_check.Settings() and args.seeds == [0, 1, 2] and args.jobs == 2
+    assert args.runs_file == decoder_check.DEFAULT_RUNS and args.settings.n_train == 60 * 8 + 16
+    smoke, smoke_flags = decoder_check.parse_args(["--smoke", "--eval-limit", "4"])
+    assert (smoke.settings.steps, smoke.settings.eval_limit, smoke.seeds, smoke.jobs) == (3, 4, [0], 1)
+    assert smoke.runs_file.parent == decoder_check.SMOKE_DIR
+    worker, _ = decoder_check.parse_args([*smoke_flags, "--worker", "lora:0"])
+    assert worker.settings == smoke.settings and worker.work_dir == smoke.work_dir  # the worker sees the same run
+
+
+@pytest.mark.parametrize("method", ["flexlora", "lora"])
+def test_finetune_argv_is_the_recipe_at_equal_budget(method, tmp_path):
+    finetune = load_example("commonsense/finetune")
+    settings = decoder_check.Settings()
+    argv = decoder_check.finetune_argv(settings, method, 1, "base", tmp_path / "d.json", tmp_path / "out")
+    model_args, data_args, flex_args, training_args = finetune.parse_args(argv)
+    assert model_args.load_in_4bit and model_args.baseline == ("lora" if method == "lora" else "none")
+    assert (data_args.cutoff_len, data_args.val_set_size) == (160, 16)
+    assert (training_args.max_steps, training_args.per_device_train_batch_size) == (60, 8)
+    assert (training_args.learning_rate, training_args.warmup_steps, training_args.seed) == (1e-3, 6, 1)
+    assert training_args.data_seed == 1
+    config = flex_args.to_flexlora_config(seed=training_args.seed)
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 16, 0.05)
+    assert config.target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+    assert (config.b0, config.t_warmup, config.t_final, config.delta_t) == (4, 12, 12, 3)
+    dataclasses.replace(config, total_steps=60).validate()
+
+
+def _record(method: str, seed: int | None, recipe: float, natural: float, settings) -> dict:
+    scores = {
+        task: {"acc": value, "acc_norm": value, "acc_stderr": 0.03, "acc_norm_stderr": 0.03, "n": 200}
+        for task, value in zip(settings.eval_tasks, (recipe, natural), strict=True)
+    }
+    record = {"method": method, "seed": seed, "settings": dataclasses.asdict(settings), "scores": scores}
+    if method != "base":
+        ranks = {"events": 8, "total_rank": 1200, "min": 5, "max": 12} if method == "flexlora" else None
+        record["training"] = {"train_loss": 0.5, "eval_loss": 0.2, "ranks": ranks}
+        record["train_s_per_step"] = 10.0
+    return record
+
+
+def test_report_aggregates_only_runs_of_the_same_settings(tmp_path, capsys):
+    settings = decoder_check.Settings()
+    other = dataclasses.replace(settings, steps=3)
+    rows = [
+        _record("base", None, 0.35, 0.45, settings),
+        *(_record("flexlora", s, 0.50 + s / 100, 0.45, settings) for s in (0, 1, 2)),
+        *(_record("lora", s, 0.51, 0.46, settings) for s in (0, 1, 2)),
+        _record("flexlora", 0, 0.99, 0.99, other),  # a smoke-sized run in the same file: not counted
+    ]
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn')
+    args, _ = decoder_check.parse_args(["--runs-file", str(runs), "--report-file", str(tmp_path / "r.json")])
+    result = decoder_check.report(args, settings)
+    recipe = result["scores"]["flexlora_bigbench_social_iqa_recipe"]["acc"]
+    assert recipe["base"] == 0.35 and recipe["flexlora"]["per_seed"] == {0: 0.5, 1: 0.51, 2: 0.52}
+    assert recipe["flexlora"]["stats"]["mean"] == pytest.approx(0.51)
+    assert recipe["flexlora_wins"] == {"wins": 1, "ties": 1, "paired": 3}
+    natural = result["scores"]["flexlora_bigbench_social_iqa"]["acc_norm"]
+    assert natural["flexlora_wins"]["wins"] == 0 and natural["lora"]["stats"]["mean"] == pytest.approx(0.46)
+    out = capsys.readouterr().out
+    assert "| flexlora_bigbench_social_iqa_recipe | acc | 35.0 | 51.0 ± 1.0 (50.0, 51.0, 52.0) |" in out
+    assert "1200 (5-12)" in out and "1200 (fixed)" in out
+    assert json.loads((tmp_path / "r.json").read_text())["n_runs"] == 7
