@@ -97,8 +97,11 @@ def test_quality_plan_selection_then_tables() -> None:
     tuned = [r for r in tables if r["part"] == "tuned"]
     assert {r["method"] for r in tuned} == {"adalora:lr=0.005", "flexlora:lr=0.002"}  # LoRA's tuned = its drop-in
     ablations = [r for r in tables if r["part"] == "ablation"]
-    assert len(ablations) == len(quality.ABLATIONS) * quality.ABLATION_SEEDS
-    assert {r["task"] for r in ablations} == {quality.ABLATION_TASK}
+    on_cheapest = [r for r in ablations if r["task"] == quality.ABLATION_TASK]
+    on_dropin = [r for r in ablations if r["task"] == quality.DROPIN_ABLATION_TASK]
+    assert len(on_cheapest) == len(quality.ABLATIONS) * quality.ABLATION_SEEDS
+    assert len(on_dropin) == len(quality.OUR_DEFAULTS_OFF) * quality.ABLATION_SEEDS  # our defaults, LoRA's rate
+    assert len(ablations) == len(on_cheapest) + len(on_dropin)
     assert quality.parse_method("flexlora:importance=nuclear,lr=0.01") == (
         "flexlora",
         {"importance": "nuclear", "lr": 0.01},
