@@ -112,8 +112,7 @@ class FlexLoRALayer(nn.Module):
         self.lora_dropout: nn.Module = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
-        # FSDP2 (sharding.py): P and Q are whole only inside the forward, so eq. 2 is computed and kept there
-        self.orth_in_forward = False
+        self.orth_in_forward = False  # FSDP2 (sharding.py): eq. 2 taken in the forward, where P and Q are whole
         self.orth_term: torch.Tensor | None = None
 
         device = self._base_device()
@@ -211,8 +210,9 @@ class FlexLoRALayer(nn.Module):
         Computed on the active prefix only (views; the (r, r) Gram matrices are all that backward keeps).
         """
         r = self._rank
-        P = self.lora_P[:, :r]  # (out, r)
-        Q = self.lora_Q[:r]  # (r, in)
+        exact = torch.promote_types(self.lora_P.dtype, torch.float32)  # bf16 P, Q (FSDP2 mixed precision): in fp32
+        P = self.lora_P[:, :r].to(exact)  # (out, r)
+        Q = self.lora_Q[:r].to(exact)  # (r, in)
         eye = torch.eye(r, device=P.device, dtype=P.dtype)  # (r, r)
         return ((P.T @ P - eye) ** 2).sum() + ((Q @ Q.T - eye) ** 2).sum()
 

@@ -77,12 +77,15 @@ def uses_fsdp2(model: nn.Module, layers: Iterable[nn.Module]) -> bool:
     Checked at each forward, cheaply: the root's class (`fully_shard` subclasses it) and the layers' parameter types
     (a block sharded on its own is still sharded when the root's forward starts).
     """
+    fsdp_module: Any = None
     try:
-        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FSDPModule  # public from torch 2.6 (FSDP2 needs it; README)
+
+        fsdp_module = FSDPModule
     except ImportError:
-        return False
+        pass
     base = getattr(model, "base_model", None)
-    if isinstance(model, FSDPModule) or isinstance(base, FSDPModule):
+    if fsdp_module is not None and (isinstance(model, fsdp_module) or isinstance(base, fsdp_module)):
         return True
     return any(is_dtensor(layer._parameters.get("lora_lam")) for layer in layers)
 
@@ -93,30 +96,46 @@ def sync_orth_mode(model: Any) -> None:
     if not (model.training and torch.is_grad_enabled()):
         return
     layers = [layer for _, layer in model.flexlora_layers()]
-    fsdp = uses_fsdp2(model, layers)
-    if fsdp != model._orth_in_forward:
+    fsdp = uses_fsdp2(model, layers) and model.flexlora_config.orth_reg_weight > 0
+    if fsdp or fsdp != model._orth_in_forward:
         model._orth_in_forward = fsdp
         for layer in layers:
             layer.orth_in_forward = fsdp
-            layer.orth_term = None
+            layer.orth_term = None  # a term from an earlier forward (or a checkpoint recompute) is never reused
 
 
 def orth_terms(named_layers: Iterable[tuple[str, Any]]) -> list[torch.Tensor]:
-    """Eq. 2 of each layer: computed now, or (FSDP2) the term its forward computed this step, used once."""
-    terms = []
-    for name, layer in named_layers:
-        if not layer.orth_in_forward:
+    """Eq. 2 of each layer: computed now, or (FSDP2) the term its forward computed this step, used once.
+
+    Under FSDP2 a layer that did not run in this forward (an MoE expert without tokens) has no term; the processes
+    agree on that (one small all-reduce) and all raise, instead of one raising while the others wait in backward.
+    """
+    named = list(named_layers)
+    terms: list[torch.Tensor | None] = []
+    for _, layer in named:
+        if layer.orth_in_forward:
+            term, layer.orth_term = layer.orth_term, None
+            terms.append(term)
+        else:
             terms.append(layer.orth_reg())
-            continue
-        term, layer.orth_term = layer.orth_term, None
-        if term is None:
+    if any(layer.orth_in_forward for _, layer in named):
+        missing = torch.tensor([t is None for t in terms], dtype=torch.int32)  # (M,)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            missing = missing.to(device)
+            dist.all_reduce(missing)
+        if bool(missing.any()):
+            name = named[int(missing.nonzero()[0])][0]
             raise RuntimeError(
-                f"FlexLoRA under FSDP2: no eq. 2 term from the forward of {name}. Call model.orth_reg() once after "
-                "each training forward (model.train(), gradients enabled), as FlexLoRATrainer does; with gradient "
-                "checkpointing use use_reentrant=False (a reentrant forward runs without gradients)."
+                f"FlexLoRA under FSDP2: no eq. 2 term from the forward of {name} (on at least one process). Call "
+                "model.orth_reg() once after each training forward (model.train(), gradients enabled), before its "
+                "backward; with gradient checkpointing use use_reentrant=False. An adapted layer that does not run in "
+                "every forward (MoE experts) is not supported under FSDP2 with orth_reg_weight > 0: set "
+                "orth_reg_weight=0 or leave the experts out of target_modules."
             )
-        terms.append(term)
-    return terms
+    return terms  # type: ignore[return-value]
 
 
 def shard_bounds(t: Any) -> list[tuple[int, int]]:
@@ -184,37 +203,47 @@ def local_slots(param: Any, dim: int, slots: list[int]) -> tuple[torch.Tensor, l
 
 
 @contextmanager
-def gathered(layers: Iterable[nn.Module], optimizer: Any = None) -> Iterator[None]:
+def gathered(layers: Iterable[nn.Module], optimizer: Any = None, extra_modules: Iterable[nn.Module] = ()) -> Iterator[None]:
     """Within the block, each sharded layer holds full (unsharded, plain) copies of P, λ and Q, and the optimizer
     holds full copies of their moments under those copies; on exit every process writes its shard back.
+    `extra_modules` (e.g. `modules_to_save` for a save) get full copies of all their sharded parameters too.
 
     Layers whose parameters are plain tensors are left alone, so this is a no-op without FSDP2. Within the block do
     only what every process does identically (an event with process 0's plan, a save): the shards written back
-    must agree. The per-tensor step counters stay shared objects (they are not sharded).
+    must agree. The per-tensor step counters stay shared objects (they are not sharded). Every placement is checked
+    before anything is swapped, so the write-back cannot fail half-way on a layout we do not support.
     """
     from .optim_surgery import unwrap_optimizer
 
     opt = unwrap_optimizer(optimizer) if optimizer is not None else None
+    targets = [(layer, name) for layer in layers for name in ADAPTER_PARAMS]
+    targets += [(sub, name) for m in extra_modules for sub in m.modules() for name in list(sub._parameters)]
+    targets = [(m, n) for m, n in targets if is_dtensor(m._parameters.get(n))]
+    for m, n in targets:  # validate every layout first (raises NotImplementedError before any swap)
+        param: Any = m._parameters[n]
+        shard_bounds(param)
+        for v in (opt.state.get(param, {}) if opt is not None else {}).values():
+            if is_dtensor(v):
+                shard_bounds(v)
     swaps: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []
     try:
-        for layer in layers:
-            for name in ADAPTER_PARAMS:
-                p = layer._parameters[name]
-                if p is None or not is_dtensor(p):
-                    continue
-                fp = nn.Parameter(full_tensor(p.detach()).clone(), requires_grad=p.requires_grad)
-                state = opt.state.get(p) if opt is not None else None
-                if state:
-                    opt.state[fp] = {k: full_tensor(v).clone() if is_dtensor(v) else v for k, v in state.items()}  # type: ignore[union-attr]
-                layer._parameters[name] = fp
-                swaps.append((layer, name, p, fp))
+        for module, name in targets:
+            p: Any = module._parameters[name]
+            fp = nn.Parameter(full_tensor(p.detach()).clone(), requires_grad=p.requires_grad)
+            state = opt.state.get(p) if opt is not None else None
+            if state:
+                opt.state[fp] = {k: full_tensor(v).clone() if is_dtensor(v) else v for k, v in state.items()}  # type: ignore[union-attr]
+            module._parameters[name] = fp
+            swaps.append((module, name, p, fp))
         yield
     finally:
-        for layer, name, p, fp in swaps:
-            write_shard(p, fp.detach())
-            state = opt.state.pop(fp, None) if opt is not None else None
-            if state:
-                for k, v in state.items():
-                    if is_dtensor(opt.state[p].get(k)):  # type: ignore[union-attr]
-                        write_shard(opt.state[p][k], v)  # type: ignore[union-attr]
-            layer._parameters[name] = p
+        for module, name, p, fp in swaps:
+            try:
+                write_shard(p, fp.detach())
+                state = opt.state.pop(fp, None) if opt is not None else None
+                if state:
+                    for k, v in state.items():
+                        if is_dtensor(opt.state[p].get(k)):  # type: ignore[union-attr]
+                            write_shard(opt.state[p][k], v)  # type: ignore[union-attr]
+            finally:
+                module._parameters[name] = p  # the sharded parameter always comes back

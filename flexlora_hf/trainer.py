@@ -123,22 +123,25 @@ LORA_TYPICAL_LR = 1e-3
 """At or below this learning rate `FlexLoRATrainer` logs one line on what to change if FlexLoRA trails LoRA."""
 
 
-def check_distributed_engine(args: TrainingArguments) -> None:
-    """Refuse FSDP and DeepSpeed in the Trainer clearly at train start (never silently wrong).
+def check_distributed_engine(args: TrainingArguments, trainer: Any = None) -> None:
+    """Refuse FSDP and DeepSpeed in the Trainer clearly at train start (never silently wrong), whether they come
+    from the TrainingArguments or from an accelerate config / environment (the Trainer's `is_fsdp_enabled`).
 
     FSDP2 works in a custom loop (`fully_shard`; `sharding.py`, tested on 2 CPU processes). Through the Trainer it is
     refused: checkpoint saving would have to gather the adapter on every process (the Trainer saves on process 0
     only), and on CPU accelerate silently falls back to DDP, so that path cannot be tested here. FSDP1 and DeepSpeed
     ZeRO flatten parameters and optimizer states into buffers in which a direction is no longer addressable.
     """
-    engine = "FSDP" if getattr(args, "fsdp", None) else "DeepSpeed" if getattr(args, "deepspeed", None) else None
+    fsdp = bool(getattr(args, "fsdp", None)) or bool(getattr(trainer, "is_fsdp_enabled", False))
+    deepspeed = bool(getattr(args, "deepspeed", None)) or bool(getattr(trainer, "is_deepspeed_enabled", False))
+    engine = "FSDP" if fsdp else "DeepSpeed" if deepspeed else None
     if engine:
         raise ValueError(
             f"FlexLoRATrainer does not support {engine}: rank reallocation needs whole λ vectors and per-direction "
             "optimizer state, which the Trainer's sharded engines do not expose. Use DDP (torchrun / accelerate "
             "launch without an FSDP or DeepSpeed config; adapter training on a 4-bit base fits LLaMA3-8B on one GPU "
             "per process), or FSDP2 in your own loop: fully_shard the FlexLoRA model and call "
-            "model.update_and_allocate(step, optimizer) after each step (examples/fsdp2_loop.py)."
+            "model.update_and_allocate(step, optimizer) after each step (examples/accelerate_loop.py --fsdp2)."
         )
 
 
@@ -190,11 +193,12 @@ class FlexLoRATrainerMixin:
             else:
                 args = (args[0], targs, *args[2:])
         super().__init__(*args, **kwargs)
+        check_distributed_engine(self.args, self)  # type: ignore[attr-defined]  # incl. an accelerate config's FSDP
         lr = float(self.args.learning_rate)  # type: ignore[attr-defined]
         if lr <= LORA_TYPICAL_LR:
             logger.info(
                 "FlexLoRA: learning_rate=%g is a LoRA-typical rate. At LoRA's best rate FlexLoRA was within a point "
-                "of LoRA on 2 of 3 tasks and above it on the third, and its own best rate was 2x LoRA's "
+                "of LoRA on 2 of 3 tasks and above it on the third, and its own best rate was 2x LoRA's on 2 of 3 "
                 "(docs/benchmarks.md); if yours trails, try 2x the rate (or a larger lam_lr_ratio, now %g).",
                 lr,
                 self.flexlora_model.flexlora_config.lam_lr_ratio,

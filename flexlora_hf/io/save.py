@@ -20,7 +20,8 @@ from ..constants import (
     RANK_MAP_NAME,
     __version__,
 )
-from ..sharding import gathered, is_sharded
+from ..sharding import gathered, uses_fsdp2
+from ..targets import modules_to_save_roots
 from .atomic import write_json, write_text
 from .history import write_rank_history
 from .native import native_state, write_safetensors
@@ -63,11 +64,14 @@ def save_flexlora(
             "drop safe_serialization=False."
         )
     layers = [layer for _, layer in model.flexlora_layers()]
-    if any(is_sharded(layer) for layer in layers):  # FSDP2: every process gathers (a collective), process 0 writes
+    if uses_fsdp2(model, layers):  # every process gathers (a collective) the adapter and modules_to_save; 0 writes
         import torch.distributed as dist
 
-        with gathered(layers):
-            _save(model, save_directory, is_main_process and dist.get_rank() == 0, model_card_kwargs)
+        base = model.get_base_model()
+        extra = [base.get_submodule(r) for r in modules_to_save_roots(base, model.flexlora_config.modules_to_save)]
+        main = is_main_process and (not dist.is_initialized() or dist.get_rank() == 0)
+        with gathered(layers, extra_modules=extra):
+            _save(model, save_directory, main, model_card_kwargs)
         return
     _save(model, save_directory, is_main_process, model_card_kwargs)
 
