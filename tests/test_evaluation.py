@@ -23,7 +23,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 pytest.importorskip("lm_eval")
 
-from helpers import tiny_llama  # noqa: E402
+from helpers import load_example, tiny_llama  # noqa: E402
 
 from flexlora_hf import FlexLoRAConfig  # noqa: E402
 from flexlora_hf.evaluation import FlexLoRALM, evaluate_adapter, results_table  # noqa: E402
@@ -557,12 +557,7 @@ def test_python_m_evaluation_forwards_to_lm_eval(tiny_base, trained_adapter, tin
 # ---------------------------------------------------------------------------------------------- commonsense example
 def test_commonsense_example_end_to_end_on_cpu(tiny_base, toy_bigbench, tmp_path):
     """make_data.py -> finetune.py (4-bit base, evaluation mid-run, reallocation) -> scored on the held-out rows."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "commonsense"))
-    try:
-        import finetune
-        import make_data
-    finally:
-        sys.path.pop(0)
+    finetune, make_data = load_example("commonsense/finetune"), load_example("commonsense/make_data")
     pytest.importorskip("bitsandbytes")
 
     data = make_data.main(["--output", str(tmp_path / "train.json"), "--tasks", "social_iqa"])
@@ -639,12 +634,7 @@ def test_commonsense_example_end_to_end_on_cpu(tiny_base, toy_bigbench, tmp_path
 def test_commonsense_example_lora_baseline_on_cpu(tiny_base, toy_bigbench, tmp_path):
     """finetune.py --baseline lora: a PEFT LoRA at FlexLoRA's budget (same r, alpha, dropout, modules) on the 4-bit
     base, saved as a PEFT folder that lm-eval scores; gradients still flow after the mid-run evaluation."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "commonsense"))
-    try:
-        import finetune
-        import make_data
-    finally:
-        sys.path.pop(0)
+    finetune, make_data = load_example("commonsense/finetune"), load_example("commonsense/make_data")
     pytest.importorskip("bitsandbytes")
     from safetensors.torch import load_file
 
