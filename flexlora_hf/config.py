@@ -221,6 +221,10 @@ class FlexLoRAConfig:
             "eq. 2 = 0 at step 0) or 'gaussian' (N(0, init_scale²), AdaLoRA's init; the paper does not specify)."
         },
     )
+    init_from_gradient: bool = field(
+        default=False, metadata={"help": "Rotate the orthonormal basis onto the first batch's weight-gradient singular vectors before "
+                  "step 1 (2 extra passes; λ stays 0, zero impact holds; gradient_init.py). Needs init_basis='orthonormal'."},
+    )
     init_scale: float = field(
         default=0.02,
         metadata={"help": "Std of the Gaussian P, Q when init_basis='gaussian' (AdaLoRA: 0.02)."},
@@ -304,6 +308,8 @@ class FlexLoRAConfig:
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("init_basis", self.init_basis, INIT_BASES)
         _check_choice("adam_reset", self.adam_reset, ADAM_RESETS)
+        if self.init_from_gradient and self.init_basis != "orthonormal":
+            raise ValueError(f"FlexLoRAConfig.init_from_gradient=True needs init_basis='orthonormal', not {self.init_basis!r}.")
         if not self.lam_lr_ratio > 0:
             raise ValueError(f"FlexLoRAConfig.lam_lr_ratio={self.lam_lr_ratio!r} must be > 0 (1.0: λ at the base rate).")
         if self.init_scale <= 0:

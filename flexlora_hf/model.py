@@ -84,6 +84,7 @@ class FlexLoRAModel(nn.Module):
         self._names = names
         self._layer_cache: list[tuple[str, FlexLoRALayer]] = [(n, model.get_submodule(n)) for n in names]  # type: ignore[misc]
         self._orth_in_forward = False  # FSDP2: eq. 2 computed inside each layer's forward (sharding.py)
+        self.gradient_aligned = False  # set by gradient_init.align_to_gradient (init_from_gradient)
         # Trainer reads the *class*'s forward signature (label names, dataset columns, loss kwargs): specialise the
         # class per base architecture so that signature is the base model's.
         self.__class__ = _specialised_class(type(model))  # type: ignore[assignment,arg-type]

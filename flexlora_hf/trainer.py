@@ -30,6 +30,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from .config import FlexLoRAConfig
 from .constants import CONFIG_NAME
 from .events import event_logs, update_and_allocate, validate_schedule
+from .gradient_init import align_to_gradient, is_fresh
 from .io.history import write_rank_history
 from .model import FlexLoRAModel, get_flexlora_model
 from .optim_surgery import check_optimizer_supported, check_state_layout, split_lambda_group
@@ -87,6 +88,8 @@ class FlexLoRACallback(TrainerCallback):
             )
         check_distributed_engine(args)
         validate_schedule(cfg, n_modules=len(fm.module_names))
+        if not self.with_mixin and cfg.init_from_gradient:
+            logger.warning("init_from_gradient is performed by FlexLoRATrainerMixin; without it the basis stays random.")
         if not self.with_mixin and cfg.orth_reg_weight > 0:
             logger.warning(
                 "FlexLoRACallback is used without FlexLoRATrainerMixin, so the orthogonality term of eq. 2 "
@@ -254,6 +257,19 @@ class FlexLoRATrainerMixin:
             loss, outputs = out
             return loss + term.to(loss.dtype), outputs
         return out + term.to(out.dtype)
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        fm = self.flexlora_model
+        if fm.flexlora_config.init_from_gradient and not fm.gradient_aligned:
+            fm.gradient_aligned = True  # decided once per model: a resumed or already-trained adapter keeps its basis
+            if self.state.global_step == 0 and is_fresh(fm):  # type: ignore[attr-defined]
+                model.train()
+                batch = self._prepare_inputs(inputs)  # type: ignore[attr-defined]
+                parent = super()  # the task loss alone (compute_loss may pop from the dict)
+                with self.compute_loss_context_manager():  # type: ignore[attr-defined]
+                    stats = align_to_gradient(fm, lambda: parent.compute_loss(model, dict(batch)))  # type: ignore[attr-defined]
+                logger.info("FlexLoRA: initial directions aligned to the first batch's gradient (%s).", stats)
+        return super().training_step(model, inputs, *args, **kwargs)  # type: ignore[misc]
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
         fixed = getattr(self, "loss_is_scaled_for_ga", None)
