@@ -88,7 +88,9 @@ logger = logging.getLogger("benchmarks.decoder_check")
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_DIR = ROOT / "examples" / "commonsense"
-METHODS = ("flexlora", "lora")
+METHODS = ("flexlora", "lora", "flexlora_grad")  # flexlora_grad: FlexLoRA with init_from_gradient (opt-in)
+DEFAULT_METHODS = ("flexlora", "lora")
+LABELS = {"flexlora": "FlexLoRA", "lora": "PEFT LoRA", "flexlora_grad": "FlexLoRA + init_from_gradient"}
 SEEDS = (0, 1, 2)
 TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
 DEFAULT_RUNS = Path("benchmarks/results/decoder_check_runs.jsonl")
@@ -187,6 +189,8 @@ def finetune_argv(settings: Settings, method: str, seed: int, base: str, data: P
     ]  # fmt: skip
     if method == "lora":
         argv += ["--baseline", "lora"]
+    if method == "flexlora_grad":
+        argv += ["--init_from_gradient", "true"]
     return argv
 
 
@@ -388,17 +392,22 @@ def report(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         f"SmolLM2-135M-Instruct (4-bit NF4), BIG-bench {settings.task}: {settings.steps} steps x batch "
         f"{settings.batch_size} at lr {settings.lr:g}, r {settings.r} on q/k/v/up/down; lm-eval on the first "
         f"{settings.eval_limit} held-out rows. % mean ± std over seeds {seeds} (per seed); "
-        "wins = seeds FlexLoRA > LoRA.",
+        "wins = seeds where that FlexLoRA variant > LoRA.",
         "",
-        "| task | metric | base | FlexLoRA | PEFT LoRA | FlexLoRA wins |",
-        "|---|---|---|---|---|---|",
+    ]
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)] or list(DEFAULT_METHODS)
+    variants = [m for m in methods if m != "lora"]
+    lines += [
+        "| task | metric | base | " + " | ".join(LABELS[m] for m in methods) + " | "
+        + " | ".join(f"{LABELS[m]} wins" for m in variants) + " |",
+        "|---|---|---|" + "---|" * (len(methods) + len(variants)),
     ]
     for task in settings.eval_tasks:
         for metric in METRICS:
             base_value = base["scores"][task][metric] if base else None
             per_method: dict[str, dict[int, float]] = {}
             cells = []
-            for method in METHODS:
+            for method in methods:
                 vals = {r["seed"]: r["scores"][task][metric] for r in rows if r["method"] == method}
                 per_method[method] = vals
                 stats = mean_std([vals[s] for s in sorted(vals)]) if vals else None
@@ -411,20 +420,20 @@ def report(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
                     continue
                 per_seed = ", ".join(_pct(vals[s]) for s in sorted(vals))
                 cells.append(f"{_pct(stats['mean'])} ± {_pct(stats['std'])} ({per_seed})")
-            flex, lora = per_method["flexlora"], per_method["lora"]
-            paired = [s for s in flex if s in lora]
-            wins = sum(flex[s] > lora[s] for s in paired)
-            ties = sum(flex[s] == lora[s] for s in paired)
-            result["scores"][task][metric]["flexlora_wins"] = {"wins": wins, "ties": ties, "paired": len(paired)}
-            lines.append(
-                f"| {task} | {metric} | {_pct(base_value)} | {cells[0]} | {cells[1]} | {wins}/{len(paired)}"
-                + (f" ({ties} tied)" if ties else "")
-                + " |"
-            )
+            lora = per_method.get("lora", {})
+            for variant in variants:
+                flex = per_method[variant]
+                paired = [s for s in flex if s in lora]
+                wins = sum(flex[s] > lora[s] for s in paired)
+                ties = sum(flex[s] == lora[s] for s in paired)
+                result["scores"][task][metric][f"{variant}_wins"] = {"wins": wins, "ties": ties, "paired": len(paired)}
+                cells.append(f"{wins}/{len(paired)}" + (f" ({ties} tied)" if ties else ""))
+            lines.append(f"| {task} | {metric} | {_pct(base_value)} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "| method | seed | train loss | Trainer eval loss | s/step | final total rank (min-max) |",
-        "|---|---|---|---|---|---|",
+        "| method | seed | train loss | first logged losses (step: loss) | Trainer eval loss | s/step | "
+        "final total rank (min-max) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in sorted((r for r in rows if r["method"] != "base"), key=lambda r: (r["method"], r["seed"])):
         training = r.get("training", {})
@@ -438,8 +447,9 @@ def report(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
             "s_per_step": r.get("train_s_per_step"),
             "ranks": ranks,
         }
+        early = ", ".join(f"{step}: {loss:.2f}" for step, loss in (training.get("loss_curve") or [])[:3]) or "-"
         lines.append(
-            f"| {r['method']} | {r['seed']} | {training.get('train_loss', float('nan')):.3f} | "
+            f"| {r['method']} | {r['seed']} | {training.get('train_loss', float('nan')):.3f} | {early} | "
             f"{training.get('eval_loss', float('nan')):.3f} | {r.get('train_s_per_step') or float('nan'):.2f} | "
             f"{rank_text} |"
         )
@@ -457,7 +467,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         "--smoke", action="store_true", help=f"Pipeline check: {SMOKE}, seed 0, one job, files under {SMOKE_DIR}."
     )
     p.add_argument("--seeds", type=int, nargs="+", default=None, help=f"Training seeds (default {list(SEEDS)}).")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
     p.add_argument(
         "--task", choices=("social_iqa", "strategyqa"), default=None, help=f"BIG-bench task ({defaults.task})."
     )

@@ -26,7 +26,7 @@ from benchmarks import decoder_check  # noqa: E402
 
 
 def test_plan_interleaves_methods_and_scores_the_base_once():
-    runs = decoder_check.planned_runs([0, 1, 2], decoder_check.METHODS)
+    runs = decoder_check.planned_runs([0, 1, 2], decoder_check.DEFAULT_METHODS)
     keys = [decoder_check.run_key(r["method"], r["seed"]) for r in runs]
     assert keys[-1] == "base" and keys.count("base") == 1 and len(set(keys)) == 7
     for wave in (runs[0:2], runs[2:4], runs[4:6]):  # two workers: each wave trains both methods on one seed
@@ -44,7 +44,7 @@ def test_args_defaults_smoke_and_worker_flags(tmp_path):
     assert worker.settings == smoke.settings and worker.work_dir == smoke.work_dir  # the worker sees the same run
 
 
-@pytest.mark.parametrize("method", ["flexlora", "lora"])
+@pytest.mark.parametrize("method", ["flexlora", "lora", "flexlora_grad"])
 def test_finetune_argv_is_the_recipe_at_equal_budget(method, tmp_path):
     finetune = load_example("commonsense/finetune")
     settings = decoder_check.Settings()
@@ -59,6 +59,7 @@ def test_finetune_argv_is_the_recipe_at_equal_budget(method, tmp_path):
     assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 16, 0.05)
     assert config.target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
     assert (config.b0, config.t_warmup, config.t_final, config.delta_t) == (4, 12, 12, 3)
+    assert config.init_from_gradient is (method == "flexlora_grad")
     dataclasses.replace(config, total_steps=60).validate()
 
 
@@ -82,6 +83,7 @@ def test_report_aggregates_only_runs_of_the_same_settings(tmp_path, capsys):
         _record("base", None, 0.35, 0.45, settings),
         *(_record("flexlora", s, 0.50 + s / 100, 0.45, settings) for s in (0, 1, 2)),
         *(_record("lora", s, 0.51, 0.46, settings) for s in (0, 1, 2)),
+        *(_record("flexlora_grad", s, 0.60, 0.40, settings) for s in (0, 1)),
         _record("flexlora", 0, 0.99, 0.99, other),  # a smoke-sized run in the same file: not counted
     ]
     runs = tmp_path / "runs.jsonl"
@@ -92,9 +94,11 @@ def test_report_aggregates_only_runs_of_the_same_settings(tmp_path, capsys):
     assert recipe["base"] == 0.35 and recipe["flexlora"]["per_seed"] == {0: 0.5, 1: 0.51, 2: 0.52}
     assert recipe["flexlora"]["stats"]["mean"] == pytest.approx(0.51)
     assert recipe["flexlora_wins"] == {"wins": 1, "ties": 1, "paired": 3}
+    assert recipe["flexlora_grad_wins"] == {"wins": 2, "ties": 0, "paired": 2}
     natural = result["scores"]["flexlora_bigbench_social_iqa"]["acc_norm"]
     assert natural["flexlora_wins"]["wins"] == 0 and natural["lora"]["stats"]["mean"] == pytest.approx(0.46)
     out = capsys.readouterr().out
     assert "| flexlora_bigbench_social_iqa_recipe | acc | 35.0 | 51.0 ± 1.0 (50.0, 51.0, 52.0) |" in out
+    assert "| 60.0 ± 0.0 (60.0, 60.0) | 1/3 (1 tied) | 2/2 |" in out
     assert "1200 (5-12)" in out and "1200 (fixed)" in out
-    assert json.loads((tmp_path / "r.json").read_text())["n_runs"] == 7
+    assert json.loads((tmp_path / "r.json").read_text())["n_runs"] == 9
