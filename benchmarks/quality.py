@@ -219,6 +219,8 @@ def load_task(task: str, n_train: int, n_eval: int, tokenizer: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------------------- methods
 def _coerce(value: str) -> Any:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
     for kind in (int, float):
         with contextlib.suppress(ValueError):
             return kind(value)
