@@ -183,6 +183,7 @@ class FlexLoRATrainerMixin:
         # The orthogonality value for logging is summed on the device and read when the Trainer logs: reading it
         # every micro-batch (float(...)) would add a host sync to every step.
         self._orth_sum: torch.Tensor | None = None
+        self._alignment_decided = False  # init_from_gradient: checked at the first training step
         self._orth_count = 0
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
         if targs is not None and targs.ddp_find_unused_parameters is None and not targs.gradient_checkpointing:
@@ -260,9 +261,9 @@ class FlexLoRATrainerMixin:
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         fm = self.flexlora_model
-        if fm.flexlora_config.init_from_gradient and not fm.gradient_aligned:
-            fm.gradient_aligned = True  # decided once per model: a resumed or already-trained adapter keeps its basis
-            if self.state.global_step == 0 and is_fresh(fm):  # type: ignore[attr-defined]
+        if fm.flexlora_config.init_from_gradient and not self._alignment_decided:
+            self._alignment_decided = True  # once: a resumed or already-trained adapter keeps its basis
+            if self.state.global_step == 0 and not fm.gradient_aligned and is_fresh(fm):  # type: ignore[attr-defined]
                 model.train()
                 batch = self._prepare_inputs(inputs)  # type: ignore[attr-defined]
                 parent = super()  # the task loss alone (compute_loss may pop from the dict)

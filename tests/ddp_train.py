@@ -38,7 +38,10 @@ class Disagree(TrainerCallback):
 
 def main(out_dir: str, mode: str = "plain") -> None:
     rank = int(os.environ.get("RANK", "0"))
-    cfg = FlexLoRAConfig(r=4, lora_alpha=8, b0=2, t_warmup=2, t_final=2, delta_t=2, schedule="constant")
+    cfg = FlexLoRAConfig(
+        r=4, lora_alpha=8, b0=2, t_warmup=2, t_final=2, delta_t=2, schedule="constant",
+        init_from_gradient=mode == "gradinit",
+    )  # fmt: skip
     args = training_args(
         os.path.join(out_dir, "run"), per_device_train_batch_size=4, max_steps=10, ddp_backend="gloo"
     )
@@ -68,6 +71,7 @@ def main(out_dir: str, mode: str = "plain") -> None:
                 "find_unused_parameters": find_unused,
                 "history": [{"step": e["step"], "prune": e["prune"], "expand": e["expand"]} for e in fm.rank_history],
                 "local_plan": disagree.local_plan if disagree else None,
+                "gradient_aligned": fm.gradient_aligned,
             },
             f,
         )
