@@ -147,6 +147,16 @@ def planned_runs(seeds: Sequence[int], methods: Sequence[str]) -> list[dict[str,
     return [*runs, {"method": "base", "seed": None}]
 
 
+def parse_run_key(key: str) -> dict[str, Any]:
+    """Inverse of `run_key`: ``"lora-s1"`` -> ``{"method": "lora", "seed": 1}``, ``"base"`` -> the base evaluation."""
+    if key == "base":
+        return {"method": "base", "seed": None}
+    method, sep, seed = key.rpartition("-s")
+    if not sep or method not in METHODS or not seed.isdigit():
+        raise ValueError(f"run key {key!r}: expected 'base' or '<method>-s<seed>' with a method in {METHODS}.")
+    return {"method": method, "seed": int(seed)}
+
+
 def load_runs(path: Path, settings: Settings | None = None) -> list[dict[str, Any]]:
     """Records of the runs file (a torn last line is skipped); only those made under `settings` when given."""
     rows = []
@@ -347,7 +357,10 @@ def run_all(args: argparse.Namespace, settings: Settings, worker_flags: list[str
     args.runs_file.parent.mkdir(parents=True, exist_ok=True)
     done = {run_key(r["method"], r["seed"]) for r in load_runs(args.runs_file, settings)}
     pending = []
-    for run in planned_runs(args.seeds, args.methods):
+    planned = planned_runs(args.seeds, args.methods)
+    if args.only:  # exactly these runs, in this order (e.g. two invocations sharing the cores with --jobs 1 each)
+        planned = [parse_run_key(key) for key in args.only]
+    for run in planned:
         key = run_key(run["method"], run["seed"])
         if key in done:
             continue
@@ -468,6 +481,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     )
     p.add_argument("--seeds", type=int, nargs="+", default=None, help=f"Training seeds (default {list(SEEDS)}).")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
+    p.add_argument("--only", nargs="+", default=None, metavar="RUN", help="Only these runs, in order (lora-s1, base).")
     p.add_argument(
         "--task", choices=("social_iqa", "strategyqa"), default=None, help=f"BIG-bench task ({defaults.task})."
     )

@@ -33,6 +33,14 @@ def test_plan_interleaves_methods_and_scores_the_base_once():
         assert {r["method"] for r in wave} == {"flexlora", "lora"} and len({r["seed"] for r in wave}) == 1
 
 
+def test_run_keys_round_trip():
+    for method in decoder_check.METHODS:
+        assert decoder_check.parse_run_key(decoder_check.run_key(method, 3)) == {"method": method, "seed": 3}
+    assert decoder_check.parse_run_key("base") == {"method": "base", "seed": None}
+    with pytest.raises(ValueError, match="expected 'base'"):
+        decoder_check.parse_run_key("adalora-s1")
+
+
 def test_args_defaults_smoke_and_worker_flags(tmp_path):
     args, flags = decoder_check.parse_args([])
     assert args.settings == decoder_check.Settings() and args.seeds == [0, 1, 2] and args.jobs == 2
