@@ -41,7 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from flexlora_hf import FlexLoRAConfig, FlexLoRAModel, get_flexlora_model
+from flexlora_hf import FlexLoRAConfig, FlexLoRAModel, align_to_gradient, get_flexlora_model
+from flexlora_hf.gradient_init import is_fresh
 from flexlora_hf.optim_surgery import param_groups
 
 logger = logging.getLogger("accelerate_loop")
@@ -78,6 +79,9 @@ def train_loop(
         train_model, optimizer = accelerator.prepare(flex, optimizer)
     train_model.train()
     data = _cycle(batches)
+    if flex.flexlora_config.init_from_gradient and is_fresh(flex):  # FlexLoRA (opt-in): basis from the gradient
+        first = next(_cycle(batches))
+        align_to_gradient(flex, lambda: train_model(**first).loss)
     for step in range(1, max_steps + 1):
         batch = next(data)
         loss = train_model(**batch).loss
@@ -115,6 +119,7 @@ def main(argv: list[str] | None = None) -> FlexLoRAModel:
     parser.add_argument("--lora_r", "--r", dest="r", type=int, default=8, help="Initial rank (--lora_r under torchrun, which takes --r for its own).")
     parser.add_argument("--target_modules", default="q_proj,k_proj,v_proj,up_proj,down_proj")
     parser.add_argument("--fsdp2", action="store_true", help="Shard with FSDP2 fully_shard (launch with torchrun).")
+    parser.add_argument("--init_from_gradient", action="store_true", help="Basis from the first batch's gradient.")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
@@ -140,6 +145,7 @@ def main(argv: list[str] | None = None) -> FlexLoRAModel:
         t_final=third,
         delta_t=max(1, third // 2),
         total_steps=args.max_steps,
+        init_from_gradient=args.init_from_gradient,
     )
     model = get_flexlora_model(base, config)
     if args.fsdp2:
