@@ -203,7 +203,8 @@ class FlexLoRATrainerMixin:
             logger.info(
                 "FlexLoRA: learning_rate=%g is a LoRA-typical rate. At LoRA's best rate FlexLoRA was within a point "
                 "of LoRA on 2 of 3 tasks and above it on the third, and its own best rate was 2x LoRA's on 2 of 3 "
-                "(docs/benchmarks.md); if yours trails, try 2x the rate (or a larger lam_lr_ratio, now %g).",
+                "(docs/benchmarks.md); if yours trails, try 2x the rate (or a larger lam_lr_ratio, now %g), and if its "
+                "loss starts slower than LoRA's (decoders), init_from_gradient=True.",
                 lr,
                 self.flexlora_model.flexlora_config.lam_lr_ratio,
             )
