@@ -483,7 +483,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
     p.add_argument("--only", nargs="+", default=None, metavar="RUN", help="Only these runs, in order (lora-s1, base).")
     p.add_argument(
-        "--task", choices=("social_iqa", "strategyqa"), default=None, help=f"BIG-bench task ({defaults.task})."
+        "--task", choices=("social_iqa", "strategyqa", "multiemo"), default=None, help=f"BIG-bench task ({defaults.task})."
     )
     p.add_argument("--steps", type=int, default=None, help=f"Optimizer steps ({defaults.steps}).")
     p.add_argument("--batch-size", type=int, default=None, help=f"Rows per step ({defaults.batch_size}).")

@@ -260,6 +260,7 @@ def test_shipped_task_configs_are_indexed():
     expected = {f"flexlora_llm_adapters_{k}" for k in LLM_ADAPTERS_DATASETS}
     expected |= {"flexlora_bigbench_social_iqa", "flexlora_bigbench_strategyqa"}
     expected |= {"flexlora_bigbench_social_iqa_recipe", "flexlora_bigbench_strategyqa_recipe"}
+    expected |= {"flexlora_bigbench_multiemo", "flexlora_bigbench_multiemo_recipe"}
     assert expected <= set(manager.all_tasks)
     import yaml
 

@@ -177,6 +177,8 @@ def llm_adapters_process_results(doc: dict[str, Any], results: Sequence[str]) ->
 # ------------------------------------------------------------------------------------------------ BIG-bench
 EVAL_DATA_ENV = "FLEXLORA_HF_EVAL_DATA"
 BIGBENCH_EVAL_TASKS: tuple[str, ...] = ("social_iqa", "strategyqa")
+#: tasks with an lm-eval config here (`flexlora_bigbench_<task>[_recipe]`), and the subtask folder each one reads
+BIGBENCH_SUBTASKS: dict[str, str | None] = {"social_iqa": None, "strategyqa": None, "multiemo": "all_sentence_en"}
 #: every `HOLDOUT_EVERY`-th row (index 0, 5, 10, ...) of a BIG-bench task is evaluation data, the rest training data
 HOLDOUT_EVERY = 5
 
@@ -207,7 +209,9 @@ def bigbench_train_eval_split(
     """
     from flexlora_hf.data.bigbench import load_bigbench_multiple_choice
 
-    records = load_bigbench_multiple_choice(task, archive=Path(archive) if archive is not None else None)
+    records = load_bigbench_multiple_choice(
+        task, archive=Path(archive) if archive is not None else None, subtask=BIGBENCH_SUBTASKS.get(task)
+    )
     train = [r for i, r in enumerate(records) if i % HOLDOUT_EVERY != 0]
     held = [r for i, r in enumerate(records) if i % HOLDOUT_EVERY == 0]
     return train, held
@@ -272,6 +276,11 @@ def load_bigbench_social_iqa(data_dir: str | None = None, **_: Any) -> DatasetDi
 def load_bigbench_strategyqa(data_dir: str | None = None, **_: Any) -> DatasetDict:
     """lm-eval `custom_dataset` of `flexlora_bigbench_strategyqa`."""
     return load_bigbench_eval("strategyqa", data_dir)
+
+
+def load_bigbench_multiemo(data_dir: str | None = None, **_: Any) -> DatasetDict:
+    """lm-eval `custom_dataset` of `flexlora_bigbench_multiemo` (English sentence-level sentiment, 4 classes)."""
+    return load_bigbench_eval("multiemo", data_dir)
 
 
 def _is_yes_no(choices: Sequence[str]) -> bool:
