@@ -434,6 +434,30 @@ def test_bigbench_split_is_disjoint_and_eval_data_is_written(toy_bigbench, tmp_p
     assert (tmp_path / "cache" / "eval_data" / "bigbench_social_iqa.jsonl").is_file()
 
 
+def test_multiemo_reads_its_english_sentence_subtask(tmp_path, monkeypatch):
+    labels = ["ambivalent", "positive", "negative", "neutral"]
+    examples = [{"input": f"sentence {i}.", "target_scores": {c: int(j == i % 4) for j, c in enumerate(labels)}} for i in range(10)]
+    files = {
+        "multiemo/task.json": {"name": "multiemo", "description": "metadata only, examples live in subtasks"},
+        "multiemo/all_sentence_en/task.json": {"name": "all_sentence_en", "examples": examples},
+        "multiemo/all_text_en/task.json": {"name": "all_text_en", "examples": examples[:2]},
+    }
+    archive = tmp_path / "bigbench-1.0.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for rel, obj in files.items():
+            data = json.dumps(obj).encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{rel}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setenv("FLEXLORA_HF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FLEXLORA_HF_BIGBENCH_ARCHIVE", str(archive))
+    train, held = bigbench_train_eval_split("multiemo")
+    assert (len(train), len(held)) == (8, 2) and held[1]["question"] == "sentence 5."
+    row = bigbench_to_commonsense(held[1:])[0]
+    assert "Answer1: ambivalent Answer2: positive Answer3: negative Answer4: neutral" in row["instruction"]
+    assert row["answer"] == "answer2" and bigbench_recipe_doc_to_choice(held[1]) == [f"answer{i}" for i in range(1, 5)]
+
+
 def test_offline_bigbench_task_scores(tiny_base, trained_adapter, toy_bigbench, tmp_path):
     prepare_bigbench_eval_data(tmp_path / "eval", ["social_iqa"])
     results = evaluate_adapter(
