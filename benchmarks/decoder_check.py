@@ -39,6 +39,14 @@ base model is above chance on it (~45 % acc_norm with 3 choices, chance 33 %), s
 adapter has to learn to point at the right option. StrategyQA (yes/no, needs world knowledge a 135M model lacks)
 mostly offers the label prior (55 % "no" in the held-out rows), which an adapter can learn without learning the task.
 
+Other tasks and methods. ``--task multiemo`` (BIG-bench multiemo, English sentence-level sentiment, 4 labels; the
+subtask ``all_sentence_en``) is the learnable variant: a 135M model does not learn social_iqa's choice from ~1.5k rows
+(200 steps: held-out recipe-format accuracy at chance for both adapters), while sentiment is learned within 60 steps;
+use ``--cutoff-len 256`` there (2 % of its rows exceed 160 tokens). ``--methods ... flexlora_grad`` adds FlexLoRA
+with ``init_from_gradient`` (the opt-in remedy for the slow start at LoRA's rate). ``--only RUN ...`` runs exactly
+the named runs (``lora-s1``, ``base``), so two single-job invocations can share the cores. The commands and results
+are in docs/benchmarks.md.
+
 Sizing (measured with ``--smoke``: 3 steps, 8 eval rows, one torch thread, while another benchmark's two
 processes shared the 2 cores; the smoke worker still got ~one core: CPU time within 5 % of wall time):
 
