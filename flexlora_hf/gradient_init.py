@@ -99,9 +99,9 @@ def align_to_gradient(model: Any, loss_fn: Callable[[], torch.Tensor], *, passes
             "align_to_gradient: FSDP2-sharded adapters are not supported; set init_from_gradient=False (the "
             "orthonormal random basis) or align before fully_shard."
         )
-    wrong = [n for n, layer in named if layer.init_basis != "orthonormal"]
+    wrong = [(n, layer.init_basis) for n, layer in named if layer.init_basis != "orthonormal"]
     if wrong:
-        raise ValueError(f"align_to_gradient needs init_basis='orthonormal'; {wrong[0]} uses {layers[0].init_basis!r}.")
+        raise ValueError(f"align_to_gradient needs init_basis='orthonormal'; {wrong[0][0]} uses {wrong[0][1]!r}.")
     if not is_fresh(model):
         raise ValueError(
             "align_to_gradient: the adapter has already been trained (some active λ is non-zero); rotating its "
