@@ -80,7 +80,7 @@ def train_loop(
     train_model.train()
     data = _cycle(batches)
     if flex.flexlora_config.init_from_gradient and is_fresh(flex):  # FlexLoRA (opt-in): basis from the gradient
-        first = next(_cycle(batches))
+        first = next(iter(batches))
         align_to_gradient(flex, lambda: train_model(**first).loss)
     for step in range(1, max_steps + 1):
         batch = next(data)

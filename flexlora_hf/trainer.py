@@ -261,10 +261,11 @@ class FlexLoRATrainerMixin:
         return out + term.to(out.dtype)
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
-        fm = self.flexlora_model
-        if fm.flexlora_config.init_from_gradient and not self._alignment_decided:
+        if not self._alignment_decided:  # one boolean per step after the first (no unwrapping on the hot path)
             self._alignment_decided = True  # once: a resumed or already-trained adapter keeps its basis
-            if self.state.global_step == 0 and not fm.gradient_aligned and is_fresh(fm):  # type: ignore[attr-defined]
+            fm = self.flexlora_model
+            fresh_run = self.state.global_step == 0 and not fm.gradient_aligned  # type: ignore[attr-defined]
+            if fm.flexlora_config.init_from_gradient and fresh_run and is_fresh(fm):
                 model.train()
                 batch = self._prepare_inputs(inputs)  # type: ignore[attr-defined]
                 parent = super()  # the task loss alone (compute_loss may pop from the dict)
