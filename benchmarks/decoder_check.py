@@ -100,6 +100,7 @@ METHODS = ("flexlora", "lora", "flexlora_grad")  # flexlora_grad: FlexLoRA with 
 DEFAULT_METHODS = ("flexlora", "lora")
 LABELS = {"flexlora": "FlexLoRA", "lora": "PEFT LoRA", "flexlora_grad": "FlexLoRA + init_from_gradient"}
 SEEDS = (0, 1, 2)
+TASKS = ("social_iqa", "strategyqa", "multiemo", "intent_recognition")  # those with lm-eval configs in flexlora_hf/tasks
 TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
 DEFAULT_RUNS = Path("benchmarks/results/decoder_check_runs.jsonl")
 DEFAULT_REPORT = Path("benchmarks/results/decoder_check.json")
@@ -491,7 +492,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
     p.add_argument("--only", nargs="+", default=None, metavar="RUN", help="Only these runs, in order (lora-s1, base).")
     p.add_argument(
-        "--task", choices=("social_iqa", "strategyqa", "multiemo"), default=None, help=f"BIG-bench task ({defaults.task})."
+        "--task", choices=TASKS, default=None, help=f"BIG-bench task ({defaults.task})."
     )
     p.add_argument("--steps", type=int, default=None, help=f"Optimizer steps ({defaults.steps}).")
     p.add_argument("--batch-size", type=int, default=None, help=f"Rows per step ({defaults.batch_size}).")

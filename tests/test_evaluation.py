@@ -261,6 +261,7 @@ def test_shipped_task_configs_are_indexed():
     expected |= {"flexlora_bigbench_social_iqa", "flexlora_bigbench_strategyqa"}
     expected |= {"flexlora_bigbench_social_iqa_recipe", "flexlora_bigbench_strategyqa_recipe"}
     expected |= {"flexlora_bigbench_multiemo", "flexlora_bigbench_multiemo_recipe"}
+    expected |= {"flexlora_bigbench_intent_recognition", "flexlora_bigbench_intent_recognition_recipe"}
     assert expected <= set(manager.all_tasks)
     import yaml
 

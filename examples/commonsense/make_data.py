@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="Destination .json file.")
     parser.add_argument(
-        "--tasks", default="social_iqa", help="Comma-separated BIG-bench tasks (social_iqa, strategyqa, multiemo)."
+        "--tasks", default="social_iqa", help="Comma-separated BIG-bench tasks (social_iqa, strategyqa, multiemo, intent_recognition)."
     )
     parser.add_argument("--max_examples", type=int, default=None, help="Keep at most this many rows.")
     parser.add_argument("--seed", type=int, default=42, help="Shuffle seed.")

