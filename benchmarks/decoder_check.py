@@ -110,6 +110,7 @@ METRICS = ("acc", "acc_norm")
 N_MATRICES = 150  # SmolLM2-135M: 30 decoder layers x (q, k, v, up, down)
 #: `Settings` fields with a command-line flag (the others are fixed by the study)
 FLAG_SETTINGS = ("task", "steps", "batch_size", "lr", "cutoff_len", "eval_limit", "eval_batch_size")
+EVAL_SETTINGS = ("task", "eval_limit", "eval_batch_size")  # all that the base model's scores depend on
 SMOKE = {"steps": 3, "batch_size": 8, "eval_limit": 8}
 
 
@@ -174,8 +175,21 @@ def load_runs(path: Path, settings: Settings | None = None) -> list[dict[str, An
             with contextlib.suppress(json.JSONDecodeError):
                 rows.append(json.loads(line))
     if settings is not None:
-        rows = [r for r in rows if r.get("settings") == dataclasses.asdict(settings)]
+        rows = [r for r in rows if made_under(r, settings)]
     return rows
+
+
+def made_under(record: dict[str, Any], settings: Settings) -> bool:
+    """Whether a run record counts under `settings`: all of them for a training run, the evaluation ones for the base.
+
+    The base model's scores do not depend on how the adapters were trained, so one base evaluation serves every
+    training setting with the same task and held-out rows (it is not re-run when only ``--steps`` or ``--lr`` change).
+    """
+    wanted = dataclasses.asdict(settings)
+    got = record.get("settings") or {}
+    if record.get("method") == "base":
+        return all(got.get(name) == wanted[name] for name in EVAL_SETTINGS)
+    return got == wanted
 
 
 # ---------------------------------------------------------------------------------------------------------- worker
@@ -374,7 +388,7 @@ def run_all(args: argparse.Namespace, settings: Settings, worker_flags: list[str
         if key in done:
             continue
         kept = args.work_dir / key / "record.json"  # finished by a worker of an interrupted main process
-        if kept.is_file() and (record := json.loads(kept.read_text())).get("settings") == dataclasses.asdict(settings):
+        if kept.is_file() and made_under(record := json.loads(kept.read_text()), settings):
             _append(record, args, settings)
             continue
         pending.append(run)

@@ -110,3 +110,15 @@ def test_report_aggregates_only_runs_of_the_same_settings(tmp_path, capsys):
     assert "| 60.0 ± 0.0 (60.0, 60.0) | 1/3 (1 tied) | 2/2 |" in out
     assert "1200 (5-12)" in out and "1200 (fixed)" in out
     assert json.loads((tmp_path / "r.json").read_text())["n_runs"] == 9
+
+
+def test_one_base_evaluation_serves_every_training_setting_of_the_same_rows():
+    settings = decoder_check.Settings()
+    longer = dataclasses.replace(settings, steps=240, batch_size=4, lr=2e-3)
+    base = _record("base", None, 0.35, 0.45, settings)
+    trained = _record("lora", 0, 0.5, 0.5, settings)
+    assert decoder_check.made_under(base, longer)  # the base does not see training settings
+    assert not decoder_check.made_under(trained, longer)
+    assert not decoder_check.made_under(base, dataclasses.replace(settings, eval_limit=100))  # other rows
+    assert not decoder_check.made_under(base, dataclasses.replace(settings, task="multiemo"))
+    assert decoder_check.made_under(trained, settings)
