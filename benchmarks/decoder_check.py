@@ -96,9 +96,16 @@ logger = logging.getLogger("benchmarks.decoder_check")
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_DIR = ROOT / "examples" / "commonsense"
-METHODS = ("flexlora", "lora", "flexlora_grad")  # flexlora_grad: FlexLoRA with init_from_gradient (opt-in)
+# flexlora_grad: FlexLoRA with init_from_gradient (opt-in); flexlora_fixed: b0 = 0, the same P·diag(λ)·Q adapter and
+# eq. 2 without any reallocation event (separates what the parametrisation costs from what the events cost)
+METHODS = ("flexlora", "lora", "flexlora_grad", "flexlora_fixed")
 DEFAULT_METHODS = ("flexlora", "lora")
-LABELS = {"flexlora": "FlexLoRA", "lora": "PEFT LoRA", "flexlora_grad": "FlexLoRA + init_from_gradient"}
+LABELS = {
+    "flexlora": "FlexLoRA",
+    "lora": "PEFT LoRA",
+    "flexlora_grad": "FlexLoRA + init_from_gradient",
+    "flexlora_fixed": "FlexLoRA, no reallocation (b0 0)",
+}
 SEEDS = (0, 1, 2)
 TASKS = ("social_iqa", "strategyqa", "multiemo", "intent_recognition")  # those with lm-eval configs in flexlora_hf/tasks
 TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
@@ -224,6 +231,8 @@ def finetune_argv(settings: Settings, method: str, seed: int, base: str, data: P
         argv += ["--baseline", "lora"]
     if method == "flexlora_grad":
         argv += ["--init_from_gradient", "true"]
+    if method == "flexlora_fixed":
+        argv += ["--b0", "0"]  # argparse keeps the last occurrence
     return argv
 
 

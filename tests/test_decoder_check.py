@@ -52,7 +52,7 @@ def test_args_defaults_smoke_and_worker_flags(tmp_path):
     assert worker.settings == smoke.settings and worker.work_dir == smoke.work_dir  # the worker sees the same run
 
 
-@pytest.mark.parametrize("method", ["flexlora", "lora", "flexlora_grad"])
+@pytest.mark.parametrize("method", ["flexlora", "lora", "flexlora_grad", "flexlora_fixed"])
 def test_finetune_argv_is_the_recipe_at_equal_budget(method, tmp_path):
     finetune = load_example("commonsense/finetune")
     settings = decoder_check.Settings()
@@ -66,7 +66,8 @@ def test_finetune_argv_is_the_recipe_at_equal_budget(method, tmp_path):
     config = flex_args.to_flexlora_config(seed=training_args.seed)
     assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 16, 0.05)
     assert config.target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-    assert (config.b0, config.t_warmup, config.t_final, config.delta_t) == (4, 12, 12, 3)
+    b0 = 0 if method == "flexlora_fixed" else 4
+    assert (config.b0, config.t_warmup, config.t_final, config.delta_t) == (b0, 12, 12, 3)
     assert config.init_from_gradient is (method == "flexlora_grad")
     dataclasses.replace(config, total_steps=60).validate()
 
