@@ -44,7 +44,8 @@ def test_run_keys_round_trip():
 def test_args_defaults_smoke_and_worker_flags(tmp_path):
     args, flags = decoder_check.parse_args([])
     assert args.settings == decoder_check.Settings() and args.seeds == [0, 1, 2] and args.jobs == 2
-    assert args.runs_file == decoder_check.DEFAULT_RUNS and args.settings.n_train == 60 * 8 + 16
+    assert args.runs_file == decoder_check.DEFAULT_RUNS and args.settings.n_train == 200 * 4 + 16
+    assert args.settings.task == "intent_recognition" and args.settings.lr == 2e-3
     smoke, smoke_flags = decoder_check.parse_args(["--smoke", "--eval-limit", "4"])
     assert (smoke.settings.steps, smoke.settings.eval_limit, smoke.seeds, smoke.jobs) == (3, 4, [0], 1)
     assert smoke.runs_file.parent == decoder_check.SMOKE_DIR
@@ -55,7 +56,7 @@ def test_args_defaults_smoke_and_worker_flags(tmp_path):
 @pytest.mark.parametrize("method", ["flexlora", "lora", "flexlora_grad", "flexlora_fixed"])
 def test_finetune_argv_is_the_recipe_at_equal_budget(method, tmp_path):
     finetune = load_example("commonsense/finetune")
-    settings = decoder_check.Settings()
+    settings = decoder_check.Settings(task="social_iqa", steps=60, batch_size=8, lr=1e-3)  # the first check's
     argv = decoder_check.finetune_argv(settings, method, 1, "base", tmp_path / "d.json", tmp_path / "out")
     model_args, data_args, flex_args, training_args = finetune.parse_args(argv)
     assert model_args.load_in_4bit and model_args.baseline == ("lora" if method == "lora" else "none")
@@ -86,7 +87,7 @@ def _record(method: str, seed: int | None, recipe: float, natural: float, settin
 
 
 def test_report_aggregates_only_runs_of_the_same_settings(tmp_path, capsys):
-    settings = decoder_check.Settings()
+    settings = decoder_check.Settings(task="social_iqa")
     other = dataclasses.replace(settings, steps=3)
     rows = [
         _record("base", None, 0.35, 0.45, settings),
@@ -123,3 +124,22 @@ def test_one_base_evaluation_serves_every_training_setting_of_the_same_rows():
     assert not decoder_check.made_under(base, dataclasses.replace(settings, eval_limit=100))  # other rows
     assert not decoder_check.made_under(base, dataclasses.replace(settings, task="multiemo"))
     assert decoder_check.made_under(trained, settings)
+
+
+def test_flexlora_flags_reach_only_the_flexlora_methods_and_old_records_still_count(tmp_path):
+    finetune = load_example("commonsense/finetune")
+    args, flags = decoder_check.parse_args(["--flexlora-flags", "--lam_lr_ratio 1"])
+    settings = args.settings
+    worker, _ = decoder_check.parse_args([*flags, "--worker", "flexlora:0"])
+    assert worker.settings == settings  # the variant travels to the worker in one flag
+    for method, ratio in (("flexlora", 1.0), ("flexlora_fixed", 1.0)):
+        argv = decoder_check.finetune_argv(settings, method, 0, "base", tmp_path / "d.json", tmp_path / "o")
+        assert finetune.parse_args(argv)[2].to_flexlora_config().lam_lr_ratio == ratio
+    assert "--lam_lr_ratio" not in decoder_check.finetune_argv(settings, "lora", 0, "b", tmp_path / "d", tmp_path / "o")
+    old = _record("lora", 0, 0.5, 0.5, decoder_check.Settings())
+    del old["settings"]["flexlora_flags"]  # a record written before the field existed
+    assert decoder_check.made_under(old, decoder_check.Settings())
+    assert decoder_check.made_under(old, settings)  # LoRA never sees the flags: its runs serve every variant
+    flex = _record("flexlora", 0, 0.5, 0.5, decoder_check.Settings())
+    assert not decoder_check.made_under(flex, settings)
+    assert not decoder_check.made_under(old, dataclasses.replace(settings, lr=4e-3))
