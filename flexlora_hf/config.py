@@ -28,6 +28,7 @@ EXPANSION_INITS = ("zero_impact", "small", "zero", "orthogonal")
 SCHEDULES = ("paper", "window", "constant")
 INIT_BASES = ("orthonormal", "gaussian")
 ADAM_RESETS = ("slot_age", "shared_step")
+LAM_LR_RULES = ("lora_matched", "constant")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -179,8 +180,7 @@ class FlexLoRAConfig:
     )
     delta_t: int = field(default=100, metadata={"help": "Optimizer steps between reallocation events (paper: Δ_T)."})
     total_steps: int | None = field(
-        default=None,
-        metadata={"help": "Total optimizer steps T. Leave unset with FlexLoRATrainer: it uses the Trainer's max_steps."},
+        default=None, metadata={"help": "Total optimizer steps T. Leave unset with FlexLoRATrainer: it uses the Trainer's max_steps."}
     )
     orth_reg_weight: float = field(
         default=0.1, metadata={"help": "γ, weight of the orthogonality regulariser of eq. 2 (the paper gives no value; 0.1 is AdaLoRA's GLUE setting)."}
@@ -225,17 +225,17 @@ class FlexLoRAConfig:
         default=False, metadata={"help": "Rotate the orthonormal basis onto the first batch's weight-gradient singular vectors before "
                   "step 1 (2 extra passes; λ stays 0, zero impact holds; gradient_init.py). Needs init_basis='orthonormal'."},
     )
-    init_scale: float = field(
-        default=0.02,
-        metadata={"help": "Std of the Gaussian P, Q when init_basis='gaussian' (AdaLoRA: 0.02)."},
+    init_scale: float = field(default=0.02, metadata={"help": "Std of the Gaussian P, Q when init_basis='gaussian' (AdaLoRA: 0.02)."})
+    lam_lr_rule: str = field(
+        default="constant",
+        metadata={
+            "help": "λ's learning rate (its own param groups, no weight decay; as LoRA+ does for B): 'lora_matched' "
+            "is lr * lam_lr_ratio * sqrt(d_out / 3) per matrix, so a unit direction moves ΔW as fast as a LoRA B "
+            "column at the same lr (optim_surgery.py); 'constant' is lr * lam_lr_ratio everywhere."
+        },
     )
     lam_lr_ratio: float = field(
-        default=10.0,
-        metadata={
-            "help": "λ's learning rate as a multiple of the optimizer's (its own param group, no weight decay; as "
-            "LoRA+ does for B). 10 makes a unit-norm direction move ΔW about as fast as a LoRA column at LoRA's "
-            "rate (see docs/benchmarks.md); 1.0 is the paper's single rate."
-        },
+        default=10.0, metadata={"help": "Multiplier of λ's rate (lam_lr_rule); the paper's single rate is 'constant' with 1.0."}
     )
     adam_reset: str = field(
         default="slot_age",
@@ -245,9 +245,7 @@ class FlexLoRAConfig:
             "counter stays, so a new direction's first updates are ~3x lr)."
         },
     )
-    small_init_value: float = field(
-        default=1e-3, metadata={"help": "λ given to a new direction when expansion_init='small'."}
-    )
+    small_init_value: float = field(default=1e-3, metadata={"help": "λ given to a new direction when expansion_init='small'."})
     entropy_eps: float = field(default=1e-12, metadata={"help": "ε inside log(s_i + ε) of eq. 3."})
     seed: int = field(default=0, metadata={"help": "Seed for initial directions and for every expansion draw."})
 
@@ -308,6 +306,7 @@ class FlexLoRAConfig:
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("init_basis", self.init_basis, INIT_BASES)
         _check_choice("adam_reset", self.adam_reset, ADAM_RESETS)
+        _check_choice("lam_lr_rule", self.lam_lr_rule, LAM_LR_RULES)
         if self.init_from_gradient and self.init_basis != "orthonormal":
             raise ValueError(f"FlexLoRAConfig.init_from_gradient=True needs init_basis='orthonormal', not {self.init_basis!r}.")
         if not self.lam_lr_ratio > 0:

@@ -12,9 +12,12 @@ A reset slice therefore starts with m = v = 0 but with the tensor's large step c
 its updates are up to ~3-7x lr for hundreds of steps. `adam_reset="slot_age"` (default) corrects each new direction
 by its own age (`slot_age.py`); `"shared_step"` leaves it (the previous behaviour).
 
-λ's param group: `lam_lr_ratio` gives λ its own learning rate (and never weight decay), as LoRA+ gives B its own:
-[`split_lambda_group`] does it to an optimizer the Trainer built, [`param_groups`] builds the groups for a custom
-loop.
+λ's param groups: λ gets its own learning rate (and never weight decay), as LoRA+ gives B its own. Under
+`lam_lr_rule="lora_matched"` (default) λ's rate in a matrix with `out` output features is `lr * lam_lr_ratio *
+sqrt(out / 3)`: one Adam step of λ_i then moves ΔW as far as one Adam step of a LoRA B column does (out entries of
+±lr against a Kaiming-uniform A row of norm 1/sqrt(3)), so the adapter's speed per matrix follows LoRA's. Matrices
+of equal `out` share a group. [`split_lambda_groups`] does it to an optimizer the Trainer built, [`param_groups`]
+builds the groups for a custom loop.
 
 Supported: torch AdamW/Adam (single-tensor, foreach and fused), SGD with momentum, and any optimizer whose per-param
 state tensors have the parameter's shape and a float dtype (bitsandbytes 32-bit and paged 32-bit AdamW). Refused with
@@ -24,12 +27,14 @@ is not zeroing the moment) and factored states (Adafactor).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
+from .config import LAM_LR_RULES
 from .layer import FlexLoRALayer
 
 LAMBDA_PARAM = "lora_lam"
@@ -53,35 +58,68 @@ def lambda_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if p.requires_grad and n.rsplit(".", 1)[-1] == LAMBDA_PARAM]
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0, lam_lr_ratio: float = 1.0) -> list[dict]:
-    """Optimizer param groups for a custom loop: decayed weights, undecayed biases / norms, and λ (no decay, at
-    `lr * lam_lr_ratio`). Same rules as `FlexLoRATrainer` (the Trainer's own decay rules plus λ's group)."""
-    lam = {id(p) for p in lambda_parameters(model)}
+def lam_lr_multiplier(out_features: int, lam_lr_ratio: float, lam_lr_rule: str) -> float:
+    """λ's learning rate over the optimizer's for a matrix with `out_features` outputs (see the module docstring)."""
+    if lam_lr_rule == "constant":
+        return float(lam_lr_ratio)
+    if lam_lr_rule == "lora_matched":
+        return float(lam_lr_ratio) * math.sqrt(out_features / 3.0)  # LoRA's B column step: sqrt(out) * |a_i| = 1/sqrt(3)
+    raise ValueError(f"lam_lr_rule={lam_lr_rule!r} is not supported; choose one of {', '.join(LAM_LR_RULES)}.")
+
+
+def lambda_groups(
+    model: nn.Module, lr: float, lam_lr_ratio: float | None = None, lam_lr_rule: str | None = None
+) -> list[dict]:
+    """λ's param groups (no weight decay), one per distinct rate, in model order. `lam_lr_ratio` / `lam_lr_rule`
+    default to the model's `flexlora_config` (or 1.0 / "constant" for a bare module)."""
+    config = getattr(model, "flexlora_config", None)
+    ratio = lam_lr_ratio if lam_lr_ratio is not None else getattr(config, "lam_lr_ratio", 1.0)
+    rule = lam_lr_rule if lam_lr_rule is not None else getattr(config, "lam_lr_rule", "constant")
+    trainable = {id(p) for p in lambda_parameters(model)}
+    by_rate: dict[float, list[nn.Parameter]] = {}
+    for layer in model.modules():
+        if isinstance(layer, FlexLoRALayer) and id(layer.lora_lam) in trainable:
+            by_rate.setdefault(lam_lr_multiplier(layer.out_features, ratio, rule), []).append(layer.lora_lam)
+    seen = {id(p) for ps in by_rate.values() for p in ps}
+    if len(seen) != len(trainable):  # a λ outside any FlexLoRALayer (not built by this library): never in a decay group
+        by_rate.setdefault(float(ratio), []).extend(p for p in lambda_parameters(model) if id(p) not in seen)
+    return [{"params": ps, "weight_decay": 0.0, "lr": lr * m} for m, ps in by_rate.items()]
+
+
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float = 0.0, lam_lr_ratio: float | None = None,
+    lam_lr_rule: str | None = None,
+) -> list[dict]:
+    """Optimizer param groups for a custom loop: decayed weights, undecayed biases / norms, and λ's groups
+    ([`lambda_groups`]). Same rules as `FlexLoRATrainer` (the Trainer's own decay rules plus λ's groups)."""
+    lam_groups = lambda_groups(model, lr, lam_lr_ratio, lam_lr_rule)
+    lam = {id(p) for g in lam_groups for p in g["params"]}
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in lam:
             (no_decay if name.endswith("bias") or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr}, {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
-    groups.append({"params": lambda_parameters(model), "weight_decay": 0.0, "lr": lr * lam_lr_ratio})
-    return [g for g in groups if g["params"]]
+    return [g for g in groups + lam_groups if g["params"]]
 
 
-def split_lambda_group(optimizer: Any, model: nn.Module, lr: float) -> None:
-    """Move every λ out of its param group into a new group at learning rate `lr`, without weight decay.
+def split_lambda_groups(optimizer: Any, model: nn.Module, lr: float) -> None:
+    """Move every λ out of its param group into λ's own groups ([`lambda_groups`] at base rate `lr`, the model's
+    config), without weight decay.
 
     Call it right after the optimizer is built, before the LR scheduler exists (schedulers record each group's
     initial rate, so the ratio to the other groups is kept along the schedule). The group layout is the same on
     every run, so `optimizer.pt` resumes.
     """
     opt = unwrap_optimizer(optimizer)
-    lam = lambda_parameters(model)
-    ids = {id(p) for p in lam}
-    if not lam or any(opt.state.get(p) for p in lam):
-        raise RuntimeError("split_lambda_group: call it on a fresh optimizer (before any step) that holds λ.")
+    lam_groups = lambda_groups(model, lr)
+    ids = {id(p) for g in lam_groups for p in g["params"]}
+    if not ids or any(opt.state.get(p) for g in lam_groups for p in g["params"]):
+        raise RuntimeError("split_lambda_groups: call it on a fresh optimizer (before any step) that holds λ.")
     for group in opt.param_groups:
         group["params"] = [p for p in group["params"] if id(p) not in ids]
-    opt.add_param_group({"params": lam, "lr": lr, "weight_decay": 0.0})
+    for group in lam_groups:
+        opt.add_param_group(group)
 
 
 def _slot_views(layer: FlexLoRALayer) -> list[tuple[torch.nn.Parameter, int]]:

@@ -33,7 +33,7 @@ from .events import event_logs, update_and_allocate, validate_schedule
 from .gradient_init import align_to_gradient, is_fresh
 from .io.history import write_rank_history
 from .model import FlexLoRAModel, get_flexlora_model
-from .optim_surgery import check_optimizer_supported, check_state_layout, split_lambda_group
+from .optim_surgery import check_optimizer_supported, check_state_layout, split_lambda_groups
 
 logger = logging.getLogger(__name__)
 
@@ -221,9 +221,9 @@ class FlexLoRATrainerMixin:
             fm.finalize_capacity(self.state.max_steps)  # type: ignore[attr-defined]
         fresh = getattr(self, "optimizer", None) is None
         optimizer = super().create_optimizer(model)  # type: ignore[misc]
-        ratio = fm.flexlora_config.lam_lr_ratio
-        if fresh and ratio != 1.0:  # before the scheduler exists, so the schedule keeps the ratio
-            split_lambda_group(optimizer, fm, self.args.learning_rate * ratio)  # type: ignore[attr-defined]
+        cfg = fm.flexlora_config
+        if fresh and (cfg.lam_lr_ratio != 1.0 or cfg.lam_lr_rule != "constant"):  # before the scheduler exists, so
+            split_lambda_groups(optimizer, fm, self.args.learning_rate)  # type: ignore[attr-defined]  # it keeps the ratios
         return optimizer
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from flexlora_hf import FlexLoRAConfig, FlexLoRALayer, get_flexlora_model
 from flexlora_hf.allocation import ReallocationPlan
-from flexlora_hf.optim_surgery import lambda_parameters, param_groups
+from flexlora_hf.optim_surgery import lam_lr_multiplier, lambda_parameters, param_groups
 from flexlora_hf.slot_age import correction
 
 
@@ -114,12 +115,55 @@ def test_slot_age_leaves_every_other_slice_alone() -> None:
 
 
 def test_param_groups_put_lambda_alone_without_decay() -> None:
-    fm = get_flexlora_model(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)), FlexLoRAConfig(r=2, b0=0, lam_lr_ratio=7.0))
-    groups = param_groups(fm, lr=1e-3, weight_decay=0.1, lam_lr_ratio=fm.flexlora_config.lam_lr_ratio)
+    cfg = FlexLoRAConfig(r=2, b0=0, lam_lr_ratio=7.0, lam_lr_rule="constant")
+    fm = get_flexlora_model(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)), cfg)
+    groups = param_groups(fm, lr=1e-3, weight_decay=0.1)  # ratio and rule from the model's config
     lam = [g for g in groups if any(p is lambda_parameters(fm)[0] for p in g["params"])]
     assert len(lam) == 1 and lam[0]["lr"] == pytest.approx(7e-3) and lam[0]["weight_decay"] == 0.0
     assert {id(p) for p in lam[0]["params"]} == {id(p) for p in lambda_parameters(fm)}
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in fm.parameters() if p.requires_grad)
+
+
+def test_lora_matched_rule_gives_each_output_width_its_rate() -> None:
+    model = nn.Sequential(nn.Linear(16, 48), nn.Linear(48, 12), nn.Linear(12, 12), nn.Linear(12, 48))
+    fm = get_flexlora_model(model, FlexLoRAConfig(r=2, b0=0, lam_lr_ratio=2.0, lam_lr_rule="lora_matched"))
+    lam_ids = {id(p) for p in lambda_parameters(fm)}
+    groups = [g for g in param_groups(fm, lr=1e-3, weight_decay=0.1) if id(g["params"][0]) in lam_ids]
+    assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(2, 0.0), (2, 0.0)]  # d_out 48 and 12, in order
+    assert [g["lr"] for g in groups] == pytest.approx([2e-3 * math.sqrt(48 / 3), 2e-3 * math.sqrt(12 / 3)])
+    assert {id(p) for g in groups for p in g["params"]} == lam_ids
+    assert lam_lr_multiplier(384, 1.0, "lora_matched") == pytest.approx(11.31, abs=0.01)  # MiniLM's hidden width
+    with pytest.raises(ValueError, match="lam_lr_rule"):
+        FlexLoRAConfig(lam_lr_rule="sqrt")
+
+
+@pytest.mark.parametrize("d_out", [48, 192])
+def test_lora_matched_first_step_moves_delta_w_as_far_as_peft_lora(d_out: int) -> None:
+    """The claim behind the rule: one fresh-Adam step (every entry moves exactly lr) of λ moves ΔW as far, in
+    Frobenius norm, as one step of PEFT LoRA's B at the same lr (B's columns against Kaiming-uniform A rows)."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    d_in, r, lr = 256, 8, 1e-3
+    x = torch.randn(32, d_in)
+
+    def step_norm(model: nn.Module, delta: Callable[[], torch.Tensor], groups: list[dict]) -> float:
+        before = delta().clone()
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+        model(x).pow(2).sum().backward()
+        opt.step()
+        return float((delta() - before).norm())
+
+    fm = get_flexlora_model(nn.Sequential(nn.Linear(d_in, d_out)), FlexLoRAConfig(r=r, b0=0, lora_alpha=16.0, lam_lr_rule="lora_matched", lam_lr_ratio=1.0))
+    layer = next(layer for _, layer in fm.flexlora_layers())
+    flex = step_norm(fm, layer.delta_weight, [g for g in param_groups(fm, lr) if g["params"][0] is layer.lora_lam])
+    lora = peft.get_peft_model(nn.Sequential(nn.Linear(d_in, d_out)), peft.LoraConfig(r=r, lora_alpha=16, target_modules=["0"]))
+    mod = lora.base_model.model[0]
+    lora_B = [mod.lora_B["default"].weight]
+    scaling = mod.scaling["default"]
+    lora_step = step_norm(lora, lambda: scaling * mod.lora_B["default"].weight @ mod.lora_A["default"].weight,
+                          [{"params": lora_B}])
+    assert flex == pytest.approx(lr * 2.0 * math.sqrt(d_out / 3) * math.sqrt(r), rel=1e-3)  # scaling 16/8, unit P, Q: exact
+    assert flex == pytest.approx(lora_step, rel=0.1)  # LoRA's: random A rows of norm ~1/sqrt(3)
 
 
 def test_config_rejects_unknown_choices() -> None:

@@ -58,8 +58,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Config fields added after v0.1 -> the behaviour of v0.1, for folders that do not name them.
-LEGACY_DEFAULTS: dict[str, Any] = {"init_basis": "gaussian", "lam_lr_ratio": 1.0, "adam_reset": "shared_step"}
+# Config fields added after v0.1 -> the behaviour before each existed, for folders that do not name them.
+LEGACY_DEFAULTS: dict[str, Any] = {
+    "init_basis": "gaussian", "lam_lr_ratio": 1.0, "adam_reset": "shared_step", "lam_lr_rule": "constant"
+}
 
 _ADAPTER_TENSOR_NAMES = {"lora_P", "lora_lam", "lora_Q", "lora_active"}
 
