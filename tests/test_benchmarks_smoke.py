@@ -118,3 +118,28 @@ def test_gpu_check_cpu_smoke(tmp_path: Path) -> None:
     assert results["split"]["ok"] and results["split"]["events"] == 4
     assert results["4bit"].get("ok") or "skipped" in results["4bit"]
     assert "## cost" in (tmp_path / "summary.md").read_text()
+
+
+def test_delta_norms_equal_peft_delta_weight(tmp_path: Path) -> None:
+    """The ||ΔW|| diagnostic reads a PEFT folder (with per-module rank/alpha patterns) exactly as PEFT scales it."""
+    import peft
+    import torch
+    from torch import nn
+
+    from benchmarks.delta_norms import delta_norms, main
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Sequential(nn.Linear(12, 20)), nn.Sequential(nn.Linear(20, 6)))
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0.0", "1.0"], rank_pattern={"1.0": 2},
+                             alpha_pattern={"1.0": 3})
+    model = peft.get_peft_model(base, config)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_()  # a trained adapter: ΔW != 0
+    model.save_pretrained(str(tmp_path / "a"))
+    want = {str(i): float(model.base_model.model[i][0].get_delta_weight("default").norm()) for i in (0, 1)}
+    got = delta_norms(tmp_path / "a")
+    assert set(got) == {"0"} and got["0"]["n"] == 2  # both paths end in ".0": one type
+    assert got["0"]["mean"] == pytest.approx((want["0"] + want["1"]) / 2, rel=1e-5)
+    assert main([str(tmp_path / "a"), "--output", str(tmp_path / "n.json")]) == 0
+    assert json.loads((tmp_path / "n.json").read_text())[str(tmp_path / "a")] == got
