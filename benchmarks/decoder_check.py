@@ -97,6 +97,12 @@ N_MATRICES = 150  # SmolLM2-135M: 30 decoder layers x (q, k, v, up, down)
 FLAG_SETTINGS = ("task", "steps", "batch_size", "lr", "cutoff_len", "eval_limit", "eval_batch_size", "flexlora_flags")
 EVAL_SETTINGS = ("task", "eval_limit", "eval_batch_size")  # all that the base model's scores depend on
 SMOKE = {"steps": 3, "batch_size": 8, "eval_limit": 8}
+# λ's rate under which every FlexLoRA run was recorded before `flexlora_flags` existed and whenever it is "": a
+# constant 10x, the library default until v0.3. Passed before the run's own flags (argparse keeps the last one), so
+# a record's settings keep meaning what they meant when the library default changes.
+BASE_FLEXLORA_FLAGS = "--lam_lr_rule constant --lam_lr_ratio 10"
+# Record fields added later, as the runs made before them had them (where that differs from today's default).
+RECORD_DEFAULTS = {"flexlora_flags": ""}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +179,7 @@ def made_under(record: dict[str, Any], settings: Settings) -> bool:
     likewise PEFT LoRA runs serve every ``--flexlora-flags`` variant.
     """
     wanted = dataclasses.asdict(settings)
-    got = dataclasses.asdict(Settings()) | (record.get("settings") or {})  # fields added later take their default
+    got = dataclasses.asdict(Settings()) | RECORD_DEFAULTS | (record.get("settings") or {})  # fields added later
     if record.get("method") == "base":
         return all(got.get(name) == wanted[name] for name in EVAL_SETTINGS)
     if record.get("method") == "lora":  # PEFT LoRA never sees the FlexLoRA flags: one set of LoRA runs serves all
@@ -216,7 +222,7 @@ def finetune_argv(settings: Settings, method: str, seed: int, base: str, data: P
     if method == "flexlora_fixed":
         argv += ["--b0", "0"]  # argparse keeps the last occurrence
     if method != "lora":
-        argv += shlex.split(settings.flexlora_flags)
+        argv += shlex.split(BASE_FLEXLORA_FLAGS) + shlex.split(settings.flexlora_flags)
     return argv
 
 

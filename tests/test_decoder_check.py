@@ -143,3 +143,9 @@ def test_flexlora_flags_reach_only_the_flexlora_methods_and_old_records_still_co
     flex = _record("flexlora", 0, 0.5, 0.5, decoder_check.Settings())
     assert not decoder_check.made_under(flex, settings)
     assert not decoder_check.made_under(old, dataclasses.replace(settings, lr=4e-3))
+    v02 = dataclasses.replace(settings, flexlora_flags="")
+    cfg = finetune.parse_args(decoder_check.finetune_argv(v02, "flexlora", 0, "b", tmp_path / "d", tmp_path / "o"))[2]
+    cfg = cfg.to_flexlora_config()
+    assert (cfg.lam_lr_rule, cfg.lam_lr_ratio) == ("constant", 10.0)  # no flags: the λ rate the old records used
+    del flex["settings"]["flexlora_flags"]
+    assert decoder_check.made_under(flex, v02) and not decoder_check.made_under(flex, settings)
