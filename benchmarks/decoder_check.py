@@ -38,7 +38,9 @@ the answer format: social_iqa (60 steps x batch 8 at 1e-3, the first version of 
 multiemo (``--task multiemo --cutoff-len 256``), and intent_recognition at 60 x 8 (training loss at chance to the
 end). ``--methods ... flexlora_grad`` adds FlexLoRA with ``init_from_gradient`` (the opt-in remedy for the slow start
 at LoRA's rate), ``flexlora_fixed`` the same adapter with b0 = 0 (no reallocation: what the P·diag(λ)·Q form costs
-without the events). ``--only RUN ...`` runs exactly the named runs (``lora-s1``, ``base``).
+without the events). ``--only RUN ...`` runs exactly the named runs (``lora-s1``, ``base``). ``--flexlora-flags``
+(default ``--lam_lr_rule lora_matched --lam_lr_ratio 1``, the library's λ rate since v0.3) are finetune.py flags of
+the FlexLoRA methods; ``--flexlora-flags ""`` is v0.2's λ at a constant 10x, under which the first tables were made.
 
 Sizing (measured on this 2-core machine, two workers of one thread each): a training step of batch 4 at cutoff 160
 takes ~5.3 s (4-bit dequantisation included; batch 8: ~10.5 s), lm-eval on both formats ~170 s for the 139 rows
@@ -121,7 +123,8 @@ class Settings:
     b0: int = 4
     eval_limit: int = 200
     eval_batch_size: int = 16
-    flexlora_flags: str = ""  # extra finetune.py flags of the FlexLoRA methods (a variant: "--lam_lr_ratio 1")
+    # finetune.py flags of the FlexLoRA methods, after BASE_FLEXLORA_FLAGS: by default the library's λ rate since v0.3
+    flexlora_flags: str = "--lam_lr_rule lora_matched --lam_lr_ratio 1"
 
     @property
     def n_train(self) -> int:
@@ -428,7 +431,7 @@ def report(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         f"{settings.batch_size} at lr {settings.lr:g}, r {settings.r} on q/k/v/up/down; lm-eval on the first "
         f"{settings.eval_limit} held-out rows. % mean ± std over seeds {seeds} (per seed); "
         "wins = seeds where that FlexLoRA variant > LoRA."
-        + (f" FlexLoRA methods with `{settings.flexlora_flags}`." if settings.flexlora_flags else ""),
+        + f" FlexLoRA methods with `{settings.flexlora_flags or BASE_FLEXLORA_FLAGS}`.",
         "",
     ]
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)] or list(DEFAULT_METHODS)
@@ -515,7 +518,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     p.add_argument("--eval-limit", type=int, default=None, help=f"Held-out rows scored ({defaults.eval_limit}).")
     p.add_argument("--eval-batch-size", type=int, default=None, help=f"lm-eval batch ({defaults.eval_batch_size}).")
     p.add_argument(
-        "--flexlora-flags", default=None, help='Extra finetune.py flags for the FlexLoRA methods ("--lam_lr_ratio 1").'
+        "--flexlora-flags", default=None,
+        help=f'finetune.py flags for the FlexLoRA methods ("{defaults.flexlora_flags}"; "" = λ at a constant 10x, v0.2).',
     )
     p.add_argument("--jobs", type=int, default=None, help="Runs at a time, one worker subprocess each (2; smoke 1).")
     p.add_argument("--threads", type=int, default=None, help="Torch threads per worker (cores / jobs).")

@@ -11,7 +11,7 @@ The three lines a custom loop needs, in PEFT AdaLoRA's vocabulary, are marked ``
    optimizer steps; it runs the scheduled reallocation event (or nothing) exactly as ``FlexLoRACallback`` does,
    resetting the optimizer moments of the touched directions in place.
 
-Build the optimizer from ``flexlora_hf.optim_surgery.param_groups``: λ gets its own group (``lam_lr_ratio``, never
+Build the optimizer from ``flexlora_hf.optim_surgery.param_groups``: λ gets its own groups (``lam_lr_rule``, never
 weight decay), as ``FlexLoRATrainer`` does.
 
 Example (offline, real model; a text file with one document per line)::

@@ -227,7 +227,7 @@ class FlexLoRAConfig:
     )
     init_scale: float = field(default=0.02, metadata={"help": "Std of the Gaussian P, Q when init_basis='gaussian' (AdaLoRA: 0.02)."})
     lam_lr_rule: str = field(
-        default="constant",
+        default="lora_matched",
         metadata={
             "help": "λ's learning rate (its own param groups, no weight decay; as LoRA+ does for B): 'lora_matched' "
             "is lr * lam_lr_ratio * sqrt(d_out / 3) per matrix, so a unit direction moves ΔW as fast as a LoRA B "
@@ -235,7 +235,7 @@ class FlexLoRAConfig:
         },
     )
     lam_lr_ratio: float = field(
-        default=10.0, metadata={"help": "Multiplier of λ's rate (lam_lr_rule); the paper's single rate is 'constant' with 1.0."}
+        default=1.0, metadata={"help": "Multiplier of λ's rate (lam_lr_rule); the paper's single rate: 'constant' with 1.0."}
     )
     adam_reset: str = field(
         default="slot_age",

@@ -291,9 +291,13 @@ def test_lambda_is_not_weight_decayed(tmp_path):
     trainer = _run(trainer_bert(), tmp_path, cls_dataset(), weight_decay=0.1, max_steps=8, cfg_kwargs={"t_warmup": 2, "t_final": 2})
     opt = unwrap_optimizer(trainer.optimizer)
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
     for _, layer in trainer.flexlora_model.flexlora_layers():
         assert id(layer.lora_lam) not in decayed
         assert id(layer.lora_P) in decayed and id(layer.lora_Q) in decayed
+        # the default lam_lr_rule: λ's initial rate (the scheduler keeps the ratio) is lr * sqrt(d_out / 3)
+        lam_group = group_of[id(layer.lora_lam)]
+        assert lam_group["initial_lr"] == pytest.approx(trainer.args.learning_rate * math.sqrt(layer.out_features / 3))
 
 
 def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
