@@ -22,6 +22,8 @@ from typing import Any
 
 from safetensors.torch import load_file
 
+from flexlora_hf.constants import PEFT_CONFIG_NAME, PEFT_KEY_PREFIX, PEFT_WEIGHTS_NAME
+
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     # PEFT's rule for rank_pattern / alpha_pattern keys: a key matches a module path ending in it (regex allowed).
@@ -34,14 +36,14 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 def delta_norms(folder: str | Path) -> dict[str, dict[str, float]]:
     """{module type: {"mean": mean ||ΔW||_F, "n": modules}} of one PEFT LoRA folder."""
     folder = Path(folder)
-    cfg = json.loads((folder / "adapter_config.json").read_text())
-    weights = load_file(str(folder / "adapter_model.safetensors"))
+    cfg = json.loads((folder / PEFT_CONFIG_NAME).read_text())
+    weights = load_file(str(folder / PEFT_WEIGHTS_NAME))
     per_type: dict[str, list[float]] = {}
     for key, A in weights.items():  # A (r, in)
         if ".lora_A." not in key:
             continue
         B = weights[key.replace(".lora_A.", ".lora_B.")].float()  # (out, r)
-        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        module = key.split(".lora_A.")[0].removeprefix(PEFT_KEY_PREFIX)
         r = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
         alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"])
         scaling = alpha / (r**0.5 if cfg.get("use_rslora") else r)

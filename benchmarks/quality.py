@@ -28,9 +28,9 @@ classifier; BIG-bench tasks via `flexlora_hf.data.bigbench.load_bigbench_classif
 Equal budget: every method adapts the same 36 matrices (query, key, value, attention output, intermediate, output)
 with rank 8, ``lora_alpha`` 16, and trains the classifier head in full. FlexLoRA: b0 = 4, eq. 4 schedule with
 T_warmup = T_final = 20 % of the steps, Δ_T = 5 %, λ at a constant 10x (`STUDY_LAMBDA_RATE`, the v0.2 default), every
-other field at the library default. AdaLoRA: init_r 12,
-target_r 8 (equal final budget), same tinit / tfinal / deltaT, orthogonality weight 0.1. Same optimizer (AdamW, no
-weight decay, linear schedule, 10 % warm-up), batch 16, 300 steps.
+other field at the library default. AdaLoRA: init_r 12, target_r 8 (equal final budget), same tinit / tfinal /
+deltaT, orthogonality weight 0.1. Same optimizer (AdamW, no weight decay, linear schedule, 10 % warm-up), batch 16,
+300 steps.
 """
 
 from __future__ import annotations

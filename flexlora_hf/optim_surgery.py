@@ -75,14 +75,10 @@ def lambda_groups(
     config = getattr(model, "flexlora_config", None)
     ratio = lam_lr_ratio if lam_lr_ratio is not None else getattr(config, "lam_lr_ratio", 1.0)
     rule = lam_lr_rule if lam_lr_rule is not None else getattr(config, "lam_lr_rule", "constant")
-    trainable = {id(p) for p in lambda_parameters(model)}
     by_rate: dict[float, list[nn.Parameter]] = {}
     for layer in model.modules():
-        if isinstance(layer, FlexLoRALayer) and id(layer.lora_lam) in trainable:
+        if isinstance(layer, FlexLoRALayer) and layer.lora_lam.requires_grad:
             by_rate.setdefault(lam_lr_multiplier(layer.out_features, ratio, rule), []).append(layer.lora_lam)
-    seen = {id(p) for ps in by_rate.values() for p in ps}
-    if len(seen) != len(trainable):  # a λ outside any FlexLoRALayer (not built by this library): never in a decay group
-        by_rate.setdefault(float(ratio), []).extend(p for p in lambda_parameters(model) if id(p) not in seen)
     return [{"params": ps, "weight_decay": 0.0, "lr": lr * m} for m, ps in by_rate.items()]
 
 
