@@ -99,10 +99,10 @@ N_MATRICES = 150  # SmolLM2-135M: 30 decoder layers x (q, k, v, up, down)
 FLAG_SETTINGS = ("task", "steps", "batch_size", "lr", "cutoff_len", "eval_limit", "eval_batch_size", "flexlora_flags")
 EVAL_SETTINGS = ("task", "eval_limit", "eval_batch_size")  # all that the base model's scores depend on
 SMOKE = {"steps": 3, "batch_size": 8, "eval_limit": 8}
-# λ's rate under which every FlexLoRA run was recorded before `flexlora_flags` existed and whenever it is "": a
-# constant 10x, the library default until v0.3. Passed before the run's own flags (argparse keeps the last one), so
+# The rates under which every FlexLoRA run was recorded before `flexlora_flags` existed and whenever it is "": λ at
+# a constant 10x, P and Q at the optimizer's rate (the library defaults until v0.2; `--basis_lr_ratio` came in v0.4). Passed before the run's own flags (argparse keeps the last one), so
 # a record's settings keep meaning what they meant when the library default changes.
-BASE_FLEXLORA_FLAGS = "--lam_lr_rule constant --lam_lr_ratio 10"
+BASE_FLEXLORA_FLAGS = "--lam_lr_rule constant --lam_lr_ratio 10 --basis_lr_ratio 1"
 # Record fields added later, as the runs made before them had them (where that differs from today's default).
 RECORD_DEFAULTS = {"flexlora_flags": ""}
 
@@ -123,7 +123,7 @@ class Settings:
     b0: int = 4
     eval_limit: int = 200
     eval_batch_size: int = 16
-    # finetune.py flags of the FlexLoRA methods, after BASE_FLEXLORA_FLAGS: by default the library's λ rate since v0.3
+    # finetune.py flags of the FlexLoRA methods, after BASE_FLEXLORA_FLAGS: by default the library's rates since v0.3
     flexlora_flags: str = "--lam_lr_rule lora_matched --lam_lr_ratio 1"
 
     @property

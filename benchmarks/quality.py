@@ -27,7 +27,7 @@ classifier; BIG-bench tasks via `flexlora_hf.data.bigbench.load_bigbench_classif
 42), train split subsampled to ``steps x batch`` rows (cycled when smaller), validation to ``--n-eval`` rows.
 Equal budget: every method adapts the same 36 matrices (query, key, value, attention output, intermediate, output)
 with rank 8, ``lora_alpha`` 16, and trains the classifier head in full. FlexLoRA: b0 = 4, eq. 4 schedule with
-T_warmup = T_final = 20 % of the steps, Δ_T = 5 %, λ at a constant 10x (`STUDY_LAMBDA_RATE`, the v0.2 default), every
+T_warmup = T_final = 20 % of the steps, Δ_T = 5 %, λ at a constant 10x and P, Q at 1x (`STUDY_LAMBDA_RATE`, the v0.2 defaults), every
 other field at the library default. AdaLoRA: init_r 12, target_r 8 (equal final budget), same tinit / tfinal /
 deltaT, orthogonality weight 0.1. Same optimizer (AdamW, no weight decay, linear schedule, 10 % warm-up), batch 16,
 300 steps.
@@ -94,10 +94,11 @@ ABLATIONS = (
 # (AdaLoRA on logical_fallacy_detection, cut in the first v2 sessions, was run in a later one.)
 ABLATION_SEEDS = 3
 OUR_DEFAULTS_OFF = ("init_basis=gaussian", "lam_lr_ratio=1", "adam_reset=shared_step", "orth_reg_weight=0", PAPER)
-# λ's rate of every FlexLoRA run of this study: a constant 10x, the library default when the runs file was made
-# (v0.2). Pinned so the recorded method specs keep their meaning (`lam_lr_ratio=1` is the paper's single rate); the
-# library default since v0.3 is the spec `flexlora:lam_lr_rule=lora_matched,lam_lr_ratio=1` (docs/benchmarks.md).
-STUDY_LAMBDA_RATE = {"lam_lr_rule": "constant", "lam_lr_ratio": 10.0}
+# The adapter's rates in every FlexLoRA run of this study: λ at a constant 10x, P and Q at the optimizer's rate, the
+# library defaults when the runs file was made (v0.2). Pinned so the recorded method specs keep their meaning
+# (`lam_lr_ratio=1` is the paper's single rate); the library default since v0.4 is the spec
+# `flexlora:lam_lr_rule=lora_matched,lam_lr_ratio=1,basis_lr_ratio=2` (docs/benchmarks.md).
+STUDY_LAMBDA_RATE = {"lam_lr_rule": "constant", "lam_lr_ratio": 10.0, "basis_lr_ratio": 1.0}
 DEFAULT_RUNS = Path("benchmarks/results/quality_runs.jsonl")
 DEFAULT_REPORT = Path("benchmarks/results/quality.json")
 

@@ -71,7 +71,8 @@ def train_loop(
     """
     flex = model
     gamma = flex.flexlora_config.orth_reg_weight
-    # FlexLoRA: λ in its own groups (lam_lr_rule x lam_lr_ratio, no weight decay), the same FlexLoRATrainer builds
+    # FlexLoRA: λ in its own groups (lam_lr_rule x lam_lr_ratio, no weight decay) and P, Q at basis_lr_ratio x the
+    # rate, the same groups FlexLoRATrainer builds
     groups = param_groups(flex, learning_rate, weight_decay)
     optimizer: Any = torch.optim.AdamW(groups, lr=learning_rate)
     train_model: nn.Module = flex

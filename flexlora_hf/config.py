@@ -65,7 +65,8 @@ _INTEGER_FIELDS = (
     ("seed", None, "e.g. seed=0"),
 )
 _REAL_FIELDS = (
-    "lora_alpha", "lora_dropout", "orth_reg_weight", "lam_lr_ratio", "init_scale", "small_init_value", "entropy_eps"
+    "lora_alpha", "lora_dropout", "orth_reg_weight", "lam_lr_ratio", "basis_lr_ratio", "init_scale", "small_init_value",
+    "entropy_eps",
 )
 # (b0, allocation, n_modules) combinations already warned about: one warning per configuration, not per event or
 # per call (`get_flexlora_model` and the Trainer's start both validate the same budget).
@@ -169,15 +170,9 @@ class FlexLoRAConfig:
         default=None,
         metadata={"help": "Extra modules (e.g. a classifier head) that are trained in full and saved with the adapter."},
     )
-    b0: int = field(
-        default=4, metadata={"help": "Paper's b: the largest number of directions pruned and expanded per event."}
-    )
-    t_warmup: int = field(
-        default=500, metadata={"help": "Optimizer steps before the first reallocation event (paper: T_warmup)."}
-    )
-    t_final: int = field(
-        default=500, metadata={"help": "Optimizer steps at the end with frozen ranks (paper: T_final)."}
-    )
+    b0: int = field(default=4, metadata={"help": "Paper's b: the largest number of directions pruned and expanded per event."})
+    t_warmup: int = field(default=500, metadata={"help": "Optimizer steps before the first reallocation event (paper: T_warmup)."})
+    t_final: int = field(default=500, metadata={"help": "Optimizer steps at the end with frozen ranks (paper: T_final)."})
     delta_t: int = field(default=100, metadata={"help": "Optimizer steps between reallocation events (paper: Δ_T)."})
     total_steps: int | None = field(
         default=None, metadata={"help": "Total optimizer steps T. Leave unset with FlexLoRATrainer: it uses the Trainer's max_steps."}
@@ -236,6 +231,10 @@ class FlexLoRAConfig:
     )
     lam_lr_ratio: float = field(
         default=1.0, metadata={"help": "Multiplier of λ's rate (lam_lr_rule); the paper's single rate: 'constant' with 1.0."}
+    )
+    basis_lr_ratio: float = field(
+        default=1.0, metadata={"help": "Learning rate of P and Q (the directions) over the optimizer's, in their own "
+                               "param group with the usual weight decay (optim_surgery.py); 1.0 is the paper's single rate."},
     )
     adam_reset: str = field(
         default="slot_age",
@@ -309,8 +308,9 @@ class FlexLoRAConfig:
         _check_choice("lam_lr_rule", self.lam_lr_rule, LAM_LR_RULES)
         if self.init_from_gradient and self.init_basis != "orthonormal":
             raise ValueError(f"FlexLoRAConfig.init_from_gradient=True needs init_basis='orthonormal', not {self.init_basis!r}.")
-        if not self.lam_lr_ratio > 0:
-            raise ValueError(f"FlexLoRAConfig.lam_lr_ratio={self.lam_lr_ratio!r} must be > 0 (1.0: λ at the base rate).")
+        for name in ("lam_lr_ratio", "basis_lr_ratio"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"FlexLoRAConfig.{name}={getattr(self, name)!r} must be > 0 (1.0: the optimizer's rate).")
         if self.init_scale <= 0:
             raise ValueError(f"FlexLoRAConfig.init_scale={self.init_scale!r} must be > 0.")
         if self.entropy_eps < 0:

@@ -16,8 +16,13 @@ by its own age (`slot_age.py`); `"shared_step"` leaves it (the previous behaviou
 `lam_lr_rule="lora_matched"` (default) λ's rate in a matrix with `out` output features is `lr * lam_lr_ratio *
 sqrt(out / 3)`: one Adam step of λ_i then moves ΔW as far as one Adam step of a LoRA B column does (out entries of
 ±lr against a Kaiming-uniform A row of norm 1/sqrt(3)), so the adapter's speed per matrix follows LoRA's. Matrices
-of equal `out` share a group. [`split_lambda_groups`] does it to an optimizer the Trainer built, [`param_groups`]
+of equal `out` share a group. [`split_adapter_groups`] does it to an optimizer the Trainer built, [`param_groups`]
 builds the groups for a custom loop.
+
+P's and Q's rate (`basis_lr_ratio`, opt-in; default 1.0, the paper's single rate), as LoRA+ gives B its own: with
+unit-norm directions a LoRA-sized ΔW lives in λ, and under Adam a direction turns by about lr * sqrt(d) per step
+whatever λ is, while LoRA's A row (norm 1/sqrt(3)) turns sqrt(3) times faster at the same lr. Measured on the decoder
+check, 2x moved which seeds learn late instead of removing the delay, so it is not the default (docs/benchmarks.md).
 
 Supported: torch AdamW/Adam (single-tensor, foreach and fused), SGD with momentum, and any optimizer whose per-param
 state tensors have the parameter's shape and a float dtype (bitsandbytes 32-bit and paged 32-bit AdamW). Refused with
@@ -82,39 +87,73 @@ def lambda_groups(
     return [{"params": ps, "weight_decay": 0.0, "lr": lr * m} for m, ps in by_rate.items()]
 
 
+def basis_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable P and Q of every adapted matrix (the directions), in model order."""
+    return [t for m in model.modules() if isinstance(m, FlexLoRALayer) for t in (m.lora_P, m.lora_Q) if t.requires_grad]
+
+
+def _basis_ratio(model: nn.Module, basis_lr_ratio: float | None) -> float:
+    config = getattr(model, "flexlora_config", None)
+    return float(basis_lr_ratio if basis_lr_ratio is not None else getattr(config, "basis_lr_ratio", 1.0))
+
+
+def needs_own_groups(config: Any) -> bool:
+    """Whether a config asks for rates other than the optimizer's (then the Trainer splits its groups)."""
+    return config.lam_lr_ratio != 1.0 or config.lam_lr_rule != "constant" or config.basis_lr_ratio != 1.0
+
+
 def param_groups(
     model: nn.Module, lr: float, weight_decay: float = 0.0, lam_lr_ratio: float | None = None,
-    lam_lr_rule: str | None = None,
+    lam_lr_rule: str | None = None, basis_lr_ratio: float | None = None,
 ) -> list[dict]:
-    """Optimizer param groups for a custom loop: decayed weights, undecayed biases / norms, and λ's groups
-    ([`lambda_groups`]). Same rules as `FlexLoRATrainer` (the Trainer's own decay rules plus λ's groups)."""
+    """Optimizer param groups for a custom loop: decayed weights, undecayed biases / norms, λ's groups
+    ([`lambda_groups`]) and, when `basis_lr_ratio` != 1, P and Q at `lr * basis_lr_ratio` (decayed like any weight).
+    Same rules as `FlexLoRATrainer`; unset arguments come from the model's `flexlora_config`."""
     lam_groups = lambda_groups(model, lr, lam_lr_ratio, lam_lr_rule)
     lam = {id(p) for g in lam_groups for p in g["params"]}
+    basis_ratio = _basis_ratio(model, basis_lr_ratio)
+    basis = {id(p) for p in basis_parameters(model)} if basis_ratio != 1.0 else set()
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
+    directions: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in lam:
-            (no_decay if name.endswith("bias") or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr}, {"params": no_decay, "weight_decay": 0.0, "lr": lr}]
+            if id(p) in basis:
+                directions.append(p)
+            else:
+                (no_decay if name.endswith("bias") or "norm" in name.lower() else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "lr": lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+        {"params": directions, "weight_decay": weight_decay, "lr": lr * basis_ratio},
+    ]
     return [g for g in groups + lam_groups if g["params"]]
 
 
-def split_lambda_groups(optimizer: Any, model: nn.Module, lr: float) -> None:
-    """Move every λ out of its param group into λ's own groups ([`lambda_groups`] at base rate `lr`, the model's
-    config), without weight decay.
+def split_adapter_groups(optimizer: Any, model: nn.Module, lr: float) -> None:
+    """Give the adapter its own rates in an optimizer the Trainer built: every λ moves into λ's groups
+    ([`lambda_groups`] at base rate `lr`, no weight decay), and with `basis_lr_ratio` != 1 the P and Q of each
+    group move into a copy of that group (same weight decay) at `basis_lr_ratio` times its rate.
 
     Call it right after the optimizer is built, before the LR scheduler exists (schedulers record each group's
-    initial rate, so the ratio to the other groups is kept along the schedule). The group layout is the same on
-    every run, so `optimizer.pt` resumes.
+    initial rate, so the ratios are kept along the schedule). The group layout is the same on every run, so
+    `optimizer.pt` resumes.
     """
     opt = unwrap_optimizer(optimizer)
     lam_groups = lambda_groups(model, lr)
     ids = {id(p) for g in lam_groups for p in g["params"]}
     if not ids or any(opt.state.get(p) for g in lam_groups for p in g["params"]):
-        raise RuntimeError("split_lambda_groups: call it on a fresh optimizer (before any step) that holds λ.")
+        raise RuntimeError("split_adapter_groups: call it on a fresh optimizer (before any step) that holds λ.")
+    basis_ratio = _basis_ratio(model, None)
+    basis = {id(p) for p in basis_parameters(model)} if basis_ratio != 1.0 else set()
+    basis_groups = []
     for group in opt.param_groups:
-        group["params"] = [p for p in group["params"] if id(p) not in ids]
-    for group in lam_groups:
+        moved = [p for p in group["params"] if id(p) in basis]
+        group["params"] = [p for p in group["params"] if id(p) not in ids and id(p) not in basis]
+        if moved:
+            settings = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+            basis_groups.append({**settings, "params": moved, "lr": group["lr"] * basis_ratio})
+    for group in basis_groups + lam_groups:
         opt.add_param_group(group)
 
 

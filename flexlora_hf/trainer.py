@@ -33,7 +33,7 @@ from .events import event_logs, update_and_allocate, validate_schedule
 from .gradient_init import align_to_gradient, is_fresh
 from .io.history import write_rank_history
 from .model import FlexLoRAModel, get_flexlora_model
-from .optim_surgery import check_optimizer_supported, check_state_layout, split_lambda_groups
+from .optim_surgery import check_optimizer_supported, check_state_layout, needs_own_groups, split_adapter_groups
 
 logger = logging.getLogger(__name__)
 
@@ -221,8 +221,8 @@ class FlexLoRATrainerMixin:
         fresh = getattr(self, "optimizer", None) is None
         optimizer = super().create_optimizer(model)  # type: ignore[misc]
         cfg = fm.flexlora_config
-        if fresh and (cfg.lam_lr_ratio != 1.0 or cfg.lam_lr_rule != "constant"):  # before the scheduler exists, so
-            split_lambda_groups(optimizer, fm, self.args.learning_rate)  # type: ignore[attr-defined]  # it keeps the ratios
+        if fresh and needs_own_groups(cfg):  # before the scheduler exists, so
+            split_adapter_groups(optimizer, fm, self.args.learning_rate)  # type: ignore[attr-defined]  # it keeps the ratios
         return optimizer
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:

@@ -11,7 +11,14 @@ from torch import nn
 
 from flexlora_hf import FlexLoRAConfig, FlexLoRALayer, get_flexlora_model
 from flexlora_hf.allocation import ReallocationPlan
-from flexlora_hf.optim_surgery import lam_lr_multiplier, lambda_parameters, param_groups
+from flexlora_hf.optim_surgery import (
+    basis_parameters,
+    lam_lr_multiplier,
+    lambda_parameters,
+    needs_own_groups,
+    param_groups,
+    split_adapter_groups,
+)
 from flexlora_hf.slot_age import correction
 
 
@@ -122,6 +129,40 @@ def test_param_groups_put_lambda_alone_without_decay() -> None:
     assert len(lam) == 1 and lam[0]["lr"] == pytest.approx(7e-3) and lam[0]["weight_decay"] == 0.0
     assert {id(p) for p in lam[0]["params"]} == {id(p) for p in lambda_parameters(fm)}
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in fm.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 2.0, 0.5])
+def test_basis_lr_ratio_gives_P_and_Q_their_rate_with_decay(ratio: float) -> None:
+    cfg = FlexLoRAConfig(r=2, b0=0, basis_lr_ratio=ratio, modules_to_save=["1"], target_modules=["0"])
+    fm = get_flexlora_model(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)), cfg)
+    groups = param_groups(fm, lr=1e-3, weight_decay=0.1)
+    group_of = {id(p): g for g in groups for p in g["params"]}
+    basis = basis_parameters(fm)
+    assert len(basis) == 2 and len(group_of) == sum(len(g["params"]) for g in groups)  # each parameter once
+    assert all(group_of[id(p)]["lr"] == pytest.approx(1e-3 * ratio) and group_of[id(p)]["weight_decay"] == 0.1 for p in basis)
+    assert len({id(group_of[id(p)]) for p in basis}) == 1
+    head = [p for n, p in fm.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert head and all(group_of[id(p)]["lr"] == pytest.approx(1e-3) for p in head)  # the rest keeps the base rate
+    assert (ratio == 1.0) == all(group_of[id(p)] is group_of[id(head[0])] for p in basis)  # 1.0: no extra group
+    assert needs_own_groups(cfg) == (ratio != 1.0 or cfg.lam_lr_rule != "constant")
+    with pytest.raises(ValueError, match="basis_lr_ratio"):
+        FlexLoRAConfig(basis_lr_ratio=0.0)
+
+
+def test_split_adapter_groups_matches_param_groups() -> None:
+    """What the Trainer does to its optimizer gives every parameter the rate and decay `param_groups` gives it."""
+    fm = get_flexlora_model(nn.Sequential(nn.Linear(16, 48), nn.Linear(48, 12)), FlexLoRAConfig(r=2, b0=0))
+    trainable = [p for p in fm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": trainable, "weight_decay": 0.1}], lr=1e-3)
+    split_adapter_groups(opt, fm, 1e-3)
+    got = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    want = {id(p): (g["lr"], g["weight_decay"]) for g in param_groups(fm, 1e-3, 0.1) for p in g["params"]}
+    assert got.keys() == want.keys() and len(got) == len(trainable)
+    assert all(got[k] == pytest.approx(want[k]) for k in want)
+    with pytest.raises(RuntimeError, match="fresh optimizer"):
+        fm(torch.randn(2, 16)).sum().backward()
+        opt.step()
+        split_adapter_groups(opt, fm, 1e-3)
 
 
 def test_lora_matched_rule_gives_each_output_width_its_rate() -> None:

@@ -567,15 +567,17 @@ def test_missing_folder(tmp_path: Path) -> None:
 
 
 def test_folder_without_the_v2_fields_keeps_v01_behaviour(llama_dir, tmp_path: Path) -> None:
-    """A v0.1 folder names no init_basis / lam_lr_ratio / adam_reset / lam_lr_rule: continuing it must not switch
-    behaviour (a v0.2 folder names all but lam_lr_rule, which was 'constant' then)."""
+    """A v0.1 folder names no init_basis / lam_lr_ratio / adam_reset / lam_lr_rule / basis_lr_ratio: continuing it
+    must not switch behaviour (a v0.2 folder names the first three, a v0.3 folder all but basis_lr_ratio, which was
+    1.0 until v0.4)."""
     _, path = llama_dir
     old = copy_dir(path, tmp_path / "v01")
     cfg = json.loads((old / "flexlora_config.json").read_text())
-    for key in ("init_basis", "lam_lr_ratio", "adam_reset", "lam_lr_rule"):
+    for key in ("init_basis", "lam_lr_ratio", "adam_reset", "lam_lr_rule", "basis_lr_ratio"):
         cfg.pop(key)
     (old / "flexlora_config.json").write_text(json.dumps(cfg))
     loaded = load_flexlora(tiny_llama(), old, is_trainable=True)
     c = loaded.flexlora_config
     assert (c.init_basis, c.lam_lr_ratio, c.adam_reset, c.lam_lr_rule) == ("gaussian", 1.0, "shared_step", "constant")
+    assert c.basis_lr_ratio == 1.0
     assert load_flexlora(tiny_llama(), path).flexlora_config.init_basis == "orthonormal"  # v2 folders: as saved

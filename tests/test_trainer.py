@@ -288,7 +288,8 @@ def test_orth_reg_applied_with_label_smoothing(tmp_path):
 
 
 def test_lambda_is_not_weight_decayed(tmp_path):
-    trainer = _run(trainer_bert(), tmp_path, cls_dataset(), weight_decay=0.1, max_steps=8, cfg_kwargs={"t_warmup": 2, "t_final": 2})
+    cfg = {"t_warmup": 2, "t_final": 2, "basis_lr_ratio": 2.0}
+    trainer = _run(trainer_bert(), tmp_path, cls_dataset(), weight_decay=0.1, max_steps=8, cfg_kwargs=cfg)
     opt = unwrap_optimizer(trainer.optimizer)
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
@@ -298,6 +299,12 @@ def test_lambda_is_not_weight_decayed(tmp_path):
         # the default lam_lr_rule: λ's initial rate (the scheduler keeps the ratio) is lr * sqrt(d_out / 3)
         lam_group = group_of[id(layer.lora_lam)]
         assert lam_group["initial_lr"] == pytest.approx(trainer.args.learning_rate * math.sqrt(layer.out_features / 3))
+        # basis_lr_ratio=2: P and Q at 2x the rate, still weight-decayed like any weight
+        for t in (layer.lora_P, layer.lora_Q):
+            assert group_of[id(t)]["initial_lr"] == pytest.approx(2 * trainer.args.learning_rate)
+            assert group_of[id(t)]["weight_decay"] == 0.1
+    others = [p for n, p in trainer.model.named_parameters() if p.requires_grad and "lora_" not in n]  # the head
+    assert others and all(group_of[id(p)]["initial_lr"] == pytest.approx(trainer.args.learning_rate) for p in others)
 
 
 def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):

@@ -60,7 +60,8 @@ logger = logging.getLogger(__name__)
 
 # Config fields added after v0.1 -> the behaviour before each existed, for folders that do not name them.
 LEGACY_DEFAULTS: dict[str, Any] = {
-    "init_basis": "gaussian", "lam_lr_ratio": 1.0, "adam_reset": "shared_step", "lam_lr_rule": "constant"
+    "init_basis": "gaussian", "lam_lr_ratio": 1.0, "adam_reset": "shared_step", "lam_lr_rule": "constant",
+    "basis_lr_ratio": 1.0,
 }
 
 _ADAPTER_TENSOR_NAMES = {"lora_P", "lora_lam", "lora_Q", "lora_active"}
