@@ -145,7 +145,13 @@ def main(out_dir: str, mode: str) -> None:
     fm.save_pretrained(os.path.join(out_dir, "fsdp"))  # every process calls it; process 0 writes
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    dist.barrier()  # both results are on disk before either process tears gloo down
     dist.destroy_process_group()
+    # Skip interpreter finalization, where gloo's worker threads can abort the process (a known teardown race,
+    # pytorch/pytorch#179291): the results are written and the group is destroyed, nothing is left to run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+from pathlib import Path
 
 import torch
+from helpers import torchrun
 from safetensors.torch import load_file
 
 
 def _torchrun(tmp_path, *extra: str) -> list[dict]:
-    script = os.path.join(os.path.dirname(__file__), "ddp_train.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
-    proc = subprocess.run([*cmd, str(tmp_path), *extra], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(Path(__file__).parent / "ddp_train.py", str(tmp_path), *extra)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 

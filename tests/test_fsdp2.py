@@ -8,25 +8,18 @@ The Trainer cannot drive FSDP on CPU (accelerate falls back to DDP there), so th
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import tiny_llama, torchrun
 from safetensors.torch import load_file
 
 TOL = 1e-12  # float64 rounding of a different reduction order is ~1e-16
 
 
 def _torchrun(tmp_path, mode: str) -> list[dict]:
-    script = os.path.join(os.path.dirname(__file__), "fsdp2_train.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script]
-    proc = subprocess.run([*cmd, str(tmp_path), mode], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(Path(__file__).parent / "fsdp2_train.py", str(tmp_path), mode)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -86,12 +79,9 @@ def test_example_loop_runs_under_fsdp2(tmp_path):
     train_file.write_text("\n".join(f"line {i} of a small corpus for the loop, with words {i * 7}" for i in range(64)))
     out = tmp_path / "adapter"
     script = Path(__file__).resolve().parents[1] / "examples" / "accelerate_loop.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     args = ["--fsdp2", "--model_name_or_path", str(model_dir), "--train_file", str(train_file), "--output_dir", str(out),
             "--max_steps", "10", "--batch_size", "2", "--block_size", "16", "--lora_r", "2", "--target_modules", "q_proj,v_proj"]
-    proc = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(script, *args)
     history = json.loads((out / "rank_history.json").read_text())
     events = history["events"] if isinstance(history, dict) else history
     assert events and any(e["prune"] for e in events)
