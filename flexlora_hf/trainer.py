@@ -202,8 +202,8 @@ class FlexLoRATrainerMixin:
         if lr <= LORA_TYPICAL_LR:
             logger.info(
                 "FlexLoRA: learning_rate=%g is a LoRA-typical rate. At LoRA's rate FlexLoRA matched LoRA on MiniLM "
-                "classifiers but learned later on a 135M decoder (SmolLM2 intent_recognition, 3 seeds: 74.3 vs 87.8 "
-                "at 200 steps, 92.6 vs 95.2 at 300) (docs/benchmarks.md). If yours trails: on a classifier try 2x the "
+                "classifiers but learned later on a 135M decoder (SmolLM2 intent_recognition, 5 seeds: 70.9 vs 88.9 "
+                "at 200 steps, 93.1 vs 94.7 at 300) (docs/benchmarks.md). If yours trails: on a classifier try 2x the "
                 "rate; on a decoder give it ~1.5x LoRA's steps and compare with a PEFT LoRA run.",
                 lr,
             )
