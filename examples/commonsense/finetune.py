@@ -212,8 +212,9 @@ def parse_args(
     return parser.parse_args_into_dataclasses(argv)  # type: ignore[return-value]
 
 
-def main(argv: list[str] | None = None) -> str:
-    """Run fine-tuning; returns the folder the adapter was saved to."""
+def main(argv: list[str] | None = None, callbacks: list[transformers.TrainerCallback] | None = None) -> str:
+    """Run fine-tuning; returns the folder the adapter was saved to. `callbacks` are added to the Trainer (either
+    method), e.g. the diagnostic of `benchmarks/motion.py`."""
     model_args, data_args, flex_args, training_args = parse_args(argv)
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -268,6 +269,8 @@ def main(argv: list[str] | None = None) -> str:
         )
         if trainer.is_world_process_zero():
             trainer.flexlora_model.print_trainable_parameters()
+    for callback in callbacks or []:
+        trainer.add_callback(callback)
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)  # FlexLoRA: adapter + PEFT LoRA view; LoRA: PEFT folder; + tokenizer
     trainer.log_metrics("train", result.metrics)
