@@ -14,7 +14,8 @@ optimizer steps (the LR schedule is still the full run's). After every optimizer
 * ``out_rel`` / ``in_rel``: the relative change of the output factor (P or B) and the input factor (Q or A);
 
 and per window of ``--window`` steps ``path`` (the sum of ``step``), ``net`` (||ΔW_end - ΔW_start||_F) and ``eff`` =
-net / path (1: every step went the same way). No lm-eval, no adapter saved: ~10 min for 130 steps on one thread.
+net / path (1: every step went the same way). No lm-eval (the stopped adapter is saved under the work dir):
+~13 min for 130 steps on one thread.
 
 ``--lam-beta2`` sets Adam's β2 of λ's param groups at train start (a diagnostic for "does Adam's second moment,
 which remembers the large gradients of the first steps, damp λ later?"; not a library option).
