@@ -525,7 +525,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     p.add_argument("--threads", type=int, default=None, help="Torch threads per worker (cores / jobs).")
     p.add_argument("--work-dir", type=Path, default=None, help=f"Data, adapters and logs ({DEFAULT_WORK}).")
     p.add_argument("--runs-file", type=Path, default=None, help=f"One line per finished run ({DEFAULT_RUNS}).")
-    p.add_argument("--report-file", type=Path, default=None, help=f"Aggregate JSON ({DEFAULT_REPORT}).")
+    p.add_argument(
+        "--report-file", type=Path, default=None,
+        help=f"Aggregate JSON ({DEFAULT_REPORT} for the default settings, else <work-dir>/report.json).",
+    )
     p.add_argument("--report", action="store_true", help="Only aggregate the runs file.")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # METHOD:SEED or base, from the main process
     args = p.parse_args(argv)
@@ -537,7 +540,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     args.work_dir = args.work_dir or (SMOKE_DIR if args.smoke else DEFAULT_WORK)
     args.runs_file = args.runs_file or (SMOKE_DIR / "runs.jsonl" if args.smoke else DEFAULT_RUNS)
-    args.report_file = args.report_file or (SMOKE_DIR / "report.json" if args.smoke else DEFAULT_REPORT)
+    if args.report_file is None:
+        # Only the default check writes the committed aggregate; a variant (other flags, steps, rate...) reports into
+        # its work dir unless --report-file names a file, so it never overwrites the default's figures.
+        variant = args.smoke or args.settings != Settings()
+        args.report_file = args.work_dir / "report.json" if variant else DEFAULT_REPORT
     worker_flags = [f"--{name.replace('_', '-')}={getattr(args.settings, name)}" for name in FLAG_SETTINGS]
     worker_flags += [f"--work-dir={args.work_dir}", f"--threads={args.threads}"]
     return args, worker_flags

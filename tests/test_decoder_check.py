@@ -53,6 +53,18 @@ def test_args_defaults_smoke_and_worker_flags(tmp_path):
     assert worker.settings == smoke.settings and worker.work_dir == smoke.work_dir  # the worker sees the same run
 
 
+def test_only_the_default_check_writes_the_committed_aggregate(tmp_path):
+    default, _ = decoder_check.parse_args([])
+    assert default.report_file == decoder_check.DEFAULT_REPORT
+    variant_flags = ["--flexlora-flags", "--basis_lr_ratio 2", "--work-dir", str(tmp_path)]
+    variant, _ = decoder_check.parse_args(variant_flags)
+    assert variant.report_file == tmp_path / "report.json"  # a variant never overwrites the default's figures
+    steps, _ = decoder_check.parse_args(["--steps", "300", "--work-dir", str(tmp_path)])
+    assert steps.report_file == tmp_path / "report.json"
+    named, _ = decoder_check.parse_args([*variant_flags, "--report-file", str(tmp_path / "v.json")])
+    assert named.report_file == tmp_path / "v.json"
+
+
 @pytest.mark.parametrize("method", ["flexlora", "lora", "flexlora_grad", "flexlora_fixed"])
 def test_finetune_argv_is_the_recipe_at_equal_budget(method, tmp_path):
     finetune = load_example("commonsense/finetune")
