@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,16 +65,20 @@ def adapter_factors(model: Any) -> dict[str, tuple[Any, Any, Any]]:
     return out
 
 
-def motion_callback(stop: int, lam_beta2: float | None = None) -> Any:
-    """A `TrainerCallback` that records the per-step motion (module docstring) in `.rows` and stops after `stop` steps."""
+def motion_callback(stop: int, window: int = 10, lam_beta2: float | None = None) -> Any:
+    """A `TrainerCallback` that records the per-step motion (module docstring) in `.rows`, the net move of every
+    `window` steps in `.nets` ({end step: {module type: mean ||ΔW_end - ΔW_start||}}), and stops after `stop` steps."""
     from transformers import TrainerCallback
 
     from flexlora_hf.optim_surgery import lambda_parameters, unwrap_optimizer
 
     class Motion(TrainerCallback):
         def __init__(self) -> None:
+            self.window = window
             self.rows: list[dict[str, float]] = []
-            self.prev: dict[str, tuple[Any, Any, Any]] | None = None
+            self.nets: dict[int, dict[str, float]] = {}
+            self.prev: dict[str, tuple[Any, Any, Any]] = {}  # the previous step's (ΔW, out factor, in factor)
+            self.snapshot: dict[str, Any] = {}  # ΔW at the last window boundary (only that one is kept: ~280 MB)
 
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # type: ignore[no-untyped-def]
             if lam_beta2 is None:
@@ -85,13 +90,14 @@ def motion_callback(stop: int, lam_beta2: float | None = None) -> Any:
 
         def on_step_end(self, args, state, control, model=None, **kwargs):  # type: ignore[no-untyped-def]
             current = adapter_factors(model)
+            step = state.global_step
             sums: dict[str, float] = defaultdict(float)
             counts: dict[str, int] = defaultdict(int)
             for name, (delta, out_f, in_f) in current.items():
                 kind = name.rsplit(".", 1)[-1]
                 counts[f"{kind}|dW"] += 1
                 sums[f"{kind}|dW"] += float(delta.norm())
-                before = self.prev.get(name) if self.prev else None
+                before = self.prev.get(name)
                 if before is None:
                     continue
                 counts[f"{kind}|step"] += 1
@@ -100,42 +106,30 @@ def motion_callback(stop: int, lam_beta2: float | None = None) -> Any:
                     for key, now, then in (("out_rel", out_f, before[1]), ("in_rel", in_f, before[2])):
                         counts[f"{kind}|{key}"] += 1
                         sums[f"{kind}|{key}"] += float((now - then).norm() / then.norm().clamp_min(1e-12))
-            row: dict[str, float] = {"step": state.global_step}
+            row: dict[str, float] = {"step": step}
             row.update({key: value / counts[key] for key, value in sums.items()})
             self.rows.append(row)
-            # ΔW at every step is kept only for the previous step; window snapshots are rebuilt from the rows' deltas
             self.prev = current
-            if state.global_step % 10 == 0:
-                self._snapshots = getattr(self, "_snapshots", {})
-                self._snapshots[state.global_step] = {n: v[0] for n, v in current.items()}
-                logger.info(
-                    "step %d: %s", state.global_step, {k: round(v, 4) for k, v in row.items() if k.startswith("q_proj")}
-                )
-            if state.global_step >= stop:
+            if step % self.window == 0:
+                if self.snapshot:
+                    nets: dict[str, list[float]] = defaultdict(list)
+                    for name, (delta, _, _) in current.items():
+                        nets[name.rsplit(".", 1)[-1]].append(float((delta - self.snapshot[name]).norm()))
+                    self.nets[step] = {kind: sum(v) / len(v) for kind, v in nets.items()}
+                self.snapshot = {name: v[0] for name, v in current.items()}
+                logger.info("step %d: %s", step, {k: round(v, 4) for k, v in row.items() if k.startswith("q_proj")})
+            if step >= stop:
                 control.should_training_stop = True
-
-        def net(self, start: int, end: int) -> dict[str, float]:
-            """Mean ||ΔW_end - ΔW_start||_F per module type (both steps must be multiples of 10)."""
-            a, b = self._snapshots[start], self._snapshots[end]
-            sums: dict[str, list[float]] = defaultdict(list)
-            for name in b:
-                if name in a:
-                    sums[name.rsplit(".", 1)[-1]].append(float((b[name] - a[name]).norm()))
-            return {kind: sum(v) / len(v) for kind, v in sums.items()}
 
     return Motion()
 
 
-def windows(callback: Any, window: int) -> list[dict[str, Any]]:
-    """Per window: path, net, eff and ||ΔW|| at its end, per module type."""
+def windows(callback: Any) -> list[dict[str, Any]]:
+    """Per window of `callback.window` steps: path, net, eff and ||ΔW|| at its end, per module type."""
     by_step = {int(r["step"]): r for r in callback.rows}
-    last = max(by_step)
     out = []
-    for start in range(window, last - window + 1, window):
-        end = start + window
-        if start not in callback._snapshots or end not in callback._snapshots:
-            continue
-        net = callback.net(start, end)
+    for end, net in sorted(callback.nets.items()):
+        start = end - callback.window
         entry: dict[str, Any] = {"from": start, "to": end}
         for kind in net:
             path = sum(by_step[s].get(f"{kind}|step", 0.0) for s in range(start + 1, end + 1))
@@ -151,8 +145,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base = (args.work_dir / "base_path.txt").read_text().strip()
     out_dir = args.work_dir / f"motion-{args.method}-s{args.seed}"
     argv = finetune_argv(settings, args.method, args.seed, base, train_path(args.work_dir, settings), out_dir)
-    argv += ["--logging_steps", "10"] + shlex_split(args.extra_flags)
-    callback = motion_callback(args.stop, args.lam_beta2)
+    argv += ["--logging_steps", str(args.window)] + shlex.split(args.extra_flags)  # the loss at every window's end
+    callback = motion_callback(args.stop, args.window, args.lam_beta2)
     trainer_log: list[dict[str, Any]] = []
     finetune = _example("finetune")
     finetune.main(argv, callbacks=[callback, _log_recorder(trainer_log)])
@@ -160,18 +154,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "method": args.method, "seed": args.seed, "stop": args.stop, "lam_beta2": args.lam_beta2,
         "extra_flags": args.extra_flags, "settings": settings.__dict__, "finetune_argv": argv,
         "loss_curve": [[e["step"], e["loss"]] for e in trainer_log if "loss" in e],
-        "windows": windows(callback, args.window), "steps": callback.rows,
+        "windows": windows(callback), "steps": callback.rows,
     }  # fmt: skip
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1) + "\n")
     logger.info("Wrote %s", args.output)
     return result
-
-
-def shlex_split(flags: str) -> list[str]:
-    import shlex
-
-    return shlex.split(flags)
 
 
 def _log_recorder(sink: list[dict[str, Any]]) -> Any:
@@ -214,7 +202,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", choices=("flexlora", "lora"), default="flexlora")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--stop", type=int, default=130, help="Optimizer steps to run (of the check's 200-step schedule).")
-    p.add_argument("--window", type=int, default=10, help="Steps per window (a multiple of 10).")
+    p.add_argument("--window", type=int, default=10, help="Steps per window (and the Trainer's logging interval).")
     p.add_argument("--work-dir", type=Path, default=Path("outputs/decoder_intent_200"))
     p.add_argument("--output", type=Path, default=None)
     p.add_argument("--flexlora-flags", default=None, help="As in benchmarks.decoder_check (default: its default).")
@@ -227,8 +215,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--kind", default="q_proj", choices=TYPES, help="Module type of the table.")
     args = p.parse_args(argv)
-    if args.window % 10:
-        p.error("--window must be a multiple of 10 (ΔW snapshots are kept every 10 steps).")
+    if args.window < 1:
+        p.error("--window must be at least 1.")
     if args.table is None and args.output is None:
         args.output = Path(f"benchmarks/results/motion_intent_s{args.seed}_{args.method}.json")
     return args

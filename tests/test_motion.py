@@ -53,7 +53,7 @@ def test_peft_lora_delta_is_scaling_b_a():
 
 
 def test_callback_records_every_step_and_stops(tmp_path):
-    callback = motion.motion_callback(stop=20)
+    callback = motion.motion_callback(stop=20, window=10)
     trainer = FlexLoRATrainer(
         model=trainer_llama(),
         args=training_args(str(tmp_path), max_steps=30),
@@ -67,7 +67,7 @@ def test_callback_records_every_step_and_stops(tmp_path):
     assert trainer.state.global_step == 20  # stopped by the callback, not by max_steps
     assert [int(r["step"]) for r in callback.rows] == list(range(1, 21))
     assert callback.rows[5]["q_proj|step"] > 0 and callback.rows[5]["q_proj|dW"] > 0
-    (window,) = motion.windows(callback, 10)
+    (window,) = motion.windows(callback)
     assert (window["from"], window["to"]) == (10, 20)
     q = window["q_proj"]
     assert 0 < q["net"] <= q["path"] + 1e-6  # the triangle inequality: steps add up to at least the net move
