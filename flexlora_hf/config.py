@@ -26,7 +26,7 @@ IMPORTANCE_METRICS = ("entropy", "nuclear", "frobenius", "elem_energy_entropy", 
 ALLOCATIONS = ("bidirectional", "prune_only", "expand_only")
 EXPANSION_INITS = ("zero_impact", "small", "zero", "orthogonal")
 SCHEDULES = ("paper", "window", "constant")
-INIT_BASES = ("orthonormal", "gaussian")
+INIT_BASES = ("orthonormal", "gaussian", "lora_like")
 ADAM_RESETS = ("slot_age", "shared_step")
 LAM_LR_RULES = ("lora_matched", "constant")
 
@@ -213,7 +213,8 @@ class FlexLoRAConfig:
         default="orthonormal",
         metadata={
             "help": "Initial P columns / Q rows and new directions: 'orthonormal' (unit norm, mutually orthogonal, "
-            "eq. 2 = 0 at step 0) or 'gaussian' (N(0, init_scale²), AdaLoRA's init; the paper does not specify)."
+            "eq. 2 = 0 at step 0), 'gaussian' (N(0, init_scale²), AdaLoRA's; the paper specifies none) or 'lora_like' "
+            "(P = 0, λ = 1/sqrt(3), Q orthonormal: PEFT LoRA's B = 0 / A start; new directions orthonormal, λ = 0)."
         },
     )
     init_from_gradient: bool = field(

@@ -24,6 +24,28 @@ def orthonormal_basis(d: int, r: int, generator: torch.Generator) -> torch.Tenso
     return (Qb * torch.sign(torch.diagonal(R)).clamp_min(0).mul(2).sub(1)).float()  # (d, r)
 
 
+LORA_LIKE_LAMBDA = 3.0**-0.5  # norm of a PEFT LoRA A row (Kaiming-uniform, a = sqrt(5): var 1 / (3 d_in))
+
+
+def initial_directions(
+    d_out: int, d_in: int, r: int, basis: str, init_scale: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's first `r` directions for `init_basis`: `P` (out, r), `lam` (r,), `Q` (r, in), ΔW = 0 exactly.
+
+    `orthonormal` and `gaussian`: λ = 0 (the paper's zero impact). `lora_like`: PEFT LoRA's start in SVD form,
+    P = 0 playing B = 0 and λ·Q playing the Kaiming-uniform A (rows of norm 1/sqrt(3)), so P learns from step one
+    as B does, where with λ = 0 P and Q get no gradient until λ has moved.
+    """
+    if basis == "orthonormal":
+        return orthonormal_basis(d_out, r, generator), torch.zeros(r), orthonormal_basis(d_in, r, generator).T
+    if basis == "lora_like":
+        return torch.zeros(d_out, r), torch.full((r,), LORA_LIKE_LAMBDA), orthonormal_basis(d_in, r, generator).T
+    pairs = [gaussian_direction(d_out, d_in, init_scale, generator) for _ in range(r)]  # p then q, slot by slot
+    P = torch.stack([p for p, _ in pairs], 1) if pairs else torch.zeros(d_out, 0)  # (out, r)
+    Q = torch.stack([q for _, q in pairs]) if pairs else torch.zeros(0, d_in)  # (r, in)
+    return P, torch.zeros(r), Q
+
+
 def orthogonalize(v: torch.Tensor, basis: torch.Tensor, *, near_orthonormal: bool = False) -> torch.Tensor:
     """Remove from `v` (d,) its component in the span of the columns of `basis` (d, k); keep `v`'s norm.
 

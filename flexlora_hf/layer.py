@@ -18,26 +18,30 @@ Dtype policy (as PEFT's LoRA layer): the adapter keeps its own dtype (fp32 by de
 outside autocast the input is cast to it and ΔW·x is cast back to the base output's dtype; under autocast nothing is
 cast by hand (autocast runs both matmuls in its dtype), so bf16 inputs are never copied to fp32 for nothing.
 
-Initialisation (the paper's "zero-impact" rule: λ = 0, so the wrapped model starts exactly at the base model), with
-two bases (`init_basis`):
+Initialisation (`init_basis`, drawn by `directions.initial_directions`): ΔW = 0, the paper's "zero impact".
 
-* `"orthonormal"` (default): P's columns and Q's rows orthonormal (QR of a Gaussian draw), so eq. 2 is exactly 0 at
-  step 0 and every direction has unit norm whatever the layer's shape; a new direction is drawn, orthogonalised
-  against the active ones and normalised. Departure from AdaLoRA's Gaussian init (the paper does not specify one):
-  measured in docs/benchmarks.md, it removes the shape-dependent effective learning rate of the Gaussian basis.
-* `"gaussian"`: P, Q ~ N(0, init_scale²) (AdaLoRA's 0.02), new directions at the same scale (the previous default).
+* `"orthonormal"` (default): λ = 0, P's columns and Q's rows orthonormal (QR of a Gaussian draw): eq. 2 = 0 at step
+  0 and unit-norm directions whatever the layer's shape. Departure from AdaLoRA's Gaussian init (the paper specifies
+  none): measured in docs/benchmarks.md, it removes the Gaussian basis' shape-dependent effective learning rate.
+* `"lora_like"`: P = 0, λ = 1/sqrt(3), Q orthonormal: PEFT LoRA's start (B = 0, Kaiming A), so P learns from step one;
+  λ is then a singular value only once eq. 2 has made P orthonormal, so pruning and importance rank
+  |λ|·||p||·||q|| (`direction_sizes`), which is |λ| when eq. 2 holds.
+* `"gaussian"`: λ = 0, P, Q ~ N(0, init_scale²) (AdaLoRA's 0.02).
+
+New directions get λ = 0 and a draw orthogonalised against the active ones, normalised (Gaussian: at init_scale).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .directions import gaussian_direction, orthogonalize, orthonormal_basis
+from .directions import gaussian_direction, initial_directions, orthogonalize
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +79,7 @@ class FlexLoRALayer(nn.Module):
             pruning a zero-λ direction or adding a new one leaves the output unchanged.
         lora_dropout (`float`): dropout on the adapter input.
         init_scale (`float`): std of the Gaussian P, Q (`init_basis="gaussian"` only).
-        init_basis (`str`): `"orthonormal"` (unit-norm, mutually orthogonal directions) or `"gaussian"`.
+        init_basis (`str`): `"orthonormal"`, `"lora_like"` or `"gaussian"` (see the module docstring).
         generator (`torch.Generator`, *optional*): CPU generator for the initial draw.
     """
 
@@ -105,8 +109,8 @@ class FlexLoRALayer(nn.Module):
         self.lora_alpha = lora_alpha
         self.scaling = lora_alpha / r
         self.init_scale = init_scale
-        if init_basis not in ("orthonormal", "gaussian"):
-            raise ValueError(f"FlexLoRALayer: init_basis={init_basis!r} must be 'orthonormal' or 'gaussian'.")
+        if init_basis not in ("orthonormal", "gaussian", "lora_like"):
+            raise ValueError(f"FlexLoRALayer: init_basis={init_basis!r} must be 'orthonormal', 'gaussian' or 'lora_like'.")
         self.init_basis = init_basis
         self.fan_in_fan_out = _is_conv1d(base_layer)
         self.lora_dropout: nn.Module = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -125,14 +129,8 @@ class FlexLoRALayer(nn.Module):
         self.slot_birth: dict[int, int] = {}  # slot -> optimizer step it was activated at (young slots only)
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         with torch.no_grad():
-            if init_basis == "orthonormal":
-                self.lora_P[:, :r] = orthonormal_basis(self.out_features, r, gen).to(device)  # (out, r)
-                self.lora_Q[:r] = orthonormal_basis(self.in_features, r, gen).T.to(device)  # (r, in)
-            else:
-                for j in range(r):
-                    p, q = gaussian_direction(self.out_features, self.in_features, init_scale, gen)
-                    self.lora_P[:, j] = p.to(device)
-                    self.lora_Q[j] = q.to(device)
+            P, lam, Q = initial_directions(self.out_features, self.in_features, r, init_basis, init_scale, gen)
+            self.lora_P[:, :r], self.lora_lam[:r], self.lora_Q[:r] = P.to(device), lam.to(device), Q.to(device)
 
     def _base_device(self) -> torch.device:
         for t in self.base_layer.parameters():
@@ -203,6 +201,17 @@ class FlexLoRALayer(nn.Module):
         Q = self.lora_Q.detach()[:r].float()  # (r, in)
         return (P * (lam * self.scaling)) @ Q  # (out, in)
 
+    def direction_sizes(self, whole: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
+        """Size of each slot's rank-one term (R,), what pruning and eq. 3 rank: |λ| (the paper), or under
+        `init_basis="lora_like"` |λ|·||p||·||q||. `whole` makes a sharded (R,) vector whole (`sharding.full_tensor`
+        under FSDP2: the norms reduce over P's and Q's shards, never gathering P or Q)."""
+        lam = whole(self.lora_lam.detach()).float().abs()  # (R,)
+        if self.init_basis != "lora_like":
+            return lam
+        p_norm = whole(self.lora_P.detach().float().square().sum(0)).sqrt()  # (R,)
+        q_norm = whole(self.lora_Q.detach().float().square().sum(1)).sqrt()  # (R,)
+        return lam * p_norm * q_norm
+
     # ------------------------------------------------------------------ regulariser
     def orth_reg(self) -> torch.Tensor:
         """Eq. 2 over the active directions: ||PᵀP - I||_F² + ||QQᵀ - I||_F² (squared, as printed in the paper).
@@ -236,7 +245,7 @@ class FlexLoRALayer(nn.Module):
 
     @torch.no_grad()
     def prune_smallest(self) -> tuple[int, int | None]:
-        """Remove the active direction with the smallest |λ| (ties: lowest slot); keep the active slots a prefix.
+        """Remove the active direction of smallest `direction_sizes` (|λ|; ties: lowest slot), keep a prefix.
 
         The last active direction moves into the hole (unless it is the one removed), and the freed last slot is
         zeroed. The authors' code removes argmin of the *signed* λ, which can drop the largest negative direction.
@@ -248,7 +257,7 @@ class FlexLoRALayer(nn.Module):
         r = self._rank
         if r == 0:
             raise RuntimeError("prune_smallest: no active direction left to prune.")
-        slot = int(torch.argmin(self.lora_lam.detach()[:r].abs()).item())
+        slot = int(torch.argmin(self.direction_sizes()[:r]).item())
         last = r - 1
         self._zero(slot)
         moved_from = None
@@ -272,21 +281,21 @@ class FlexLoRALayer(nn.Module):
         Inits (Table 6): `zero_impact` (λ = 0, a random P column and Q row), `small` (λ = `small_value`, vectors
         Gram-Schmidt-orthogonalised against the active ones), `orthogonal` (λ = 0, orthogonalised vectors), `zero`
         (everything 0: in exact arithmetic such a direction never receives gradient, which is what that ablation
-        measures; the paper's "until gradients accumulate" does not happen). With the orthonormal basis every new
-        vector is orthogonalised against the active ones and has unit norm (so `zero_impact` and `orthogonal`
-        coincide); with the Gaussian basis vectors are drawn at `init_scale`. `step` (the event's optimizer step)
-        is recorded as the slot's birth for the per-direction Adam correction (`slot_age.py`).
+        measures; the paper's "until gradients accumulate" does not happen). Orthonormal and lora_like bases: every
+        new vector orthogonalised against the active ones, unit norm (`zero_impact` = `orthogonal`); Gaussian: drawn
+        at `init_scale`. `step` is the slot's birth for the per-direction Adam correction (`slot_age.py`).
         """
         r = self._rank
         if r >= self.capacity:
             raise RuntimeError(f"expand: module is at its capacity of {self.capacity} directions.")
         if init not in ("zero_impact", "small", "orthogonal", "zero"):
             raise ValueError(f"Unknown expansion_init {init!r}.")
-        orthonormal = self.init_basis == "orthonormal"
+        orthonormal = self.init_basis in ("orthonormal", "lora_like")  # lora_like: new directions as the paper's
         p, q = gaussian_direction(self.out_features, self.in_features, self.init_scale, generator)
         if init in ("small", "orthogonal") or orthonormal:
             exact = torch.float64 if self.lora_P.dtype == torch.float64 else torch.float32  # never in bf16/fp16
-            p = orthogonalize(p, self.lora_P.detach()[:, :r].to("cpu", exact), near_orthonormal=orthonormal)
+            p_basis = self.lora_P.detach()[:, :r].to("cpu", exact)  # (out, r): not orthonormal under lora_like
+            p = orthogonalize(p, p_basis, near_orthonormal=self.init_basis == "orthonormal")
             q = orthogonalize(q, self.lora_Q.detach()[:r].to("cpu", exact).T, near_orthonormal=orthonormal)
         if orthonormal:
             p, q = p / p.norm().clamp_min(1e-30), q / q.norm().clamp_min(1e-30)
@@ -370,18 +379,7 @@ class FlexLoRALayer(nn.Module):
 
     @torch.no_grad()
     def merged_base_layer(self) -> nn.Module:
-        """Return the base layer with ΔW added to its weight (the adapter is left untouched).
-
-        A bitsandbytes 4-bit (`Linear4bit`) or 8-bit (`Linear8bitLt`) base is refused with a `ValueError`: merging
-        would mean re-quantising W + ΔW, and since the dequantised W already sits exactly on the quantisation grid,
-        rounding snaps most of a typical ΔW back to W (measured for NF4 with double quantisation, weights of std
-        0.02: an update of std 1e-3 keeps ~30% of its effect, 1e-4 keeps ~1%), so the "merged" model would silently
-        lose most of the fine-tuning. Keep the adapter unmerged on a quantised base (it runs exactly as trained),
-        or merge into a full-precision copy of the base.
-
-        Raises:
-            ValueError: if the base layer is bitsandbytes-quantised.
-        """
+        """The base layer with ΔW added to its weight (adapter untouched). `ValueError` on a bitsandbytes base."""
         self.check_mergeable()
         base: Any = self.base_layer
         delta = self.delta_weight()  # (out, in)

@@ -135,9 +135,9 @@ class FlexLoRAModel(nn.Module):
         # several, and torch.stack refuses to mix them.
         dev = layers[0][1].lora_lam.device
         R = max(layer.capacity for _, layer in layers)
-        # Under FSDP2 each λ is sharded across processes: importance needs all of it (an all-gather per layer).
+        # |λ| (or |λ|·||p||·||q||, direction_sizes); under FSDP2 each λ is sharded: gathered, one (R,) per layer.
         lam = torch.stack(
-            [nn.functional.pad(full_tensor(la.lora_lam.detach()).to(dev), (0, R - la.capacity)) for _, la in layers]
+            [nn.functional.pad(la.direction_sizes(full_tensor).to(dev), (0, R - la.capacity)) for _, la in layers]
         )  # (M, R)
         ranks = torch.tensor([la.rank for _, la in layers], device=dev)  # (M,)
         mask = torch.arange(R, device=dev)[None, :] < ranks[:, None]  # (M, R): active prefixes

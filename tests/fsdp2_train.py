@@ -29,8 +29,9 @@ STEPS, RESUME_AT, LR = 12, 7, 5e-3
 GLOBAL_BATCH, LENGTH = 4, 12
 
 
-def config() -> FlexLoRAConfig:
+def config(basis: str = "orthonormal") -> FlexLoRAConfig:
     return FlexLoRAConfig(
+        init_basis=basis,
         r=2, lora_alpha=4, b0=2, t_warmup=2, t_final=2, delta_t=2, schedule="constant", total_steps=STEPS,
         target_modules=["q_proj", "v_proj", "down_proj"], max_rank=5, orth_reg_weight=0.1, modules_to_save=["lm_head"],
         lam_lr_rule="constant", lam_lr_ratio=10.0, basis_lr_ratio=1.0,  # the trajectory whose events cross the shard
@@ -38,8 +39,8 @@ def config() -> FlexLoRAConfig:
     )
 
 
-def build() -> FlexLoRAModel:
-    fm = get_flexlora_model(tiny_llama(eval_mode=False, vocab_size=64), config())
+def build(basis: str = "orthonormal") -> FlexLoRAModel:
+    fm = get_flexlora_model(tiny_llama(eval_mode=False, vocab_size=64), config(basis))
     return fm.double().train()
 
 
@@ -106,19 +107,20 @@ def main(out_dir: str, mode: str) -> None:
     parts = [slice(r * GLOBAL_BATCH // world, (r + 1) * GLOBAL_BATCH // world) for r in range(world)]
     result: dict[str, Any] = {"world": world}
 
-    ref = build()
+    basis = "lora_like" if mode == "lora_like" else "orthonormal"  # lora_like: pruning reads P's, Q's norms
+    ref = build(basis)
     ref_opt = optimizer(ref)
     result["ref_orth"] = train(ref, ref_opt, range(1, STEPS + 1), parts)
     ref_state = snapshot(ref, ref_opt)
     result["ref_events"] = events(ref)
     ref.save_pretrained(os.path.join(out_dir, "ref")) if rank == 0 else None
 
-    fm = shard(build())
+    fm = shard(build(basis))
     layer0 = next(layer for _, layer in fm.flexlora_layers())
     result["placements"] = [str(p) for p in layer0.lora_Q.placements]
     result["local_slots"] = int(layer0.lora_Q.to_local().shape[0])
     opt = optimizer(fm)
-    if mode == "plain":
+    if mode in ("plain", "lora_like"):
         result["orth"] = train(fm, opt, range(1, STEPS + 1), [parts[rank]])
         result["orth_in_forward"] = layer0.orth_in_forward
     else:  # interrupted at RESUME_AT, saved, rebuilt from the folder and the DCP optimizer state, resumed

@@ -55,6 +55,35 @@ def test_orthonormal_expansion_is_unit_norm_orthogonal_and_zero_impact() -> None
     assert float(layer.orth_reg()) < 1e-10
 
 
+def test_lora_like_basis_starts_as_peft_lora() -> None:
+    """init_basis='lora_like': P = 0 (LoRA's B), λ·Q rows of norm 1/sqrt(3) (LoRA's A); only P learns at step one."""
+    layer = _layer("lora_like")
+    x = torch.randn(5, 48)
+    assert torch.equal(layer(x), layer.base_layer(x))  # zero impact through P = 0, exactly
+    Q = layer.lora_Q[:4].detach()  # (r, in)
+    torch.testing.assert_close(Q @ Q.T, torch.eye(4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer.lora_lam[:4].detach(), torch.full((4,), 3.0**-0.5))
+    assert float(layer.orth_reg()) == pytest.approx(4.0)  # ||PᵀP - I||² = r at P = 0; Q's part is 0
+    layer(x).pow(2).sum().backward()
+    assert layer.lora_P.grad is not None and float(layer.lora_P.grad[:, :4].abs().max()) > 0
+    assert float(layer.lora_lam.grad.abs().max()) == 0.0 and float(layer.lora_Q.grad.abs().max()) == 0.0
+
+
+def test_lora_like_expansion_is_zero_impact_and_orthogonal_to_a_trained_P() -> None:
+    layer = _layer("lora_like")
+    with torch.no_grad():
+        layer.lora_P[:, :4] = 0.1 * torch.randn(40, 4)  # trained P: small, not orthonormal
+    x = torch.randn(3, 48)
+    before = layer(x)
+    slot = layer.expand(torch.Generator().manual_seed(5))
+    torch.testing.assert_close(layer(x), before, rtol=1e-6, atol=1e-6)
+    p, q = layer.lora_P[:, slot].detach(), layer.lora_Q[slot].detach()
+    assert float(layer.lora_lam[slot]) == 0.0
+    assert float(p.norm()) == pytest.approx(1.0, abs=1e-6) and float(q.norm()) == pytest.approx(1.0, abs=1e-6)
+    assert float((layer.lora_P[:, :4].detach().T @ p).abs().max()) < 1e-6
+    assert float((layer.lora_Q[:4].detach() @ q).abs().max()) < 1e-6
+
+
 def test_correction_factor_matches_fresh_adam_bias_correction() -> None:
     b1, b2 = 0.9, 0.999
     # a tensor far along (t large) has no bias correction left; a 1-step-old slot needs (sqrt(1-b2)/(1-b1))

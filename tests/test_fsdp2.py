@@ -23,14 +23,19 @@ def _torchrun(tmp_path, mode: str) -> list[dict]:
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-def _check_matches_reference(meta: list[dict]) -> None:
+def _check_same_run(meta: list[dict]) -> None:
     for m in meta:
         assert m["world"] == 2
         assert m["placements"] == ["S(0)"]  # λ and Q sharded along the slot dimension
         assert m["events"] == m["ref_events"]  # the same decisions as the unsharded run
+        assert any(e["prune"] for e in m["events"])  # decisions were taken
         worst = max(m["diff"].items(), key=lambda kv: kv[1])
         assert worst[1] < TOL, worst  # P, λ, Q and both AdamW moments of every slot
     assert meta[0]["events"] == meta[1]["events"]
+
+
+def _check_matches_reference(meta: list[dict]) -> None:
+    _check_same_run(meta)
     assert (meta[0]["local_slots"], meta[1]["local_slots"]) == (3, 2)  # 5 slots: uneven shards
     # Some event pruned a module using slots of process 1's shard (rank above the slots process 0 holds), so a
     # direction (and its moments) moved from one process's shard into the other's, or was removed there.
@@ -62,6 +67,14 @@ def test_fsdp2_interrupted_run_resumes_exactly(tmp_path):
     the final adapter and moments equal those of the uninterrupted reference."""
     meta = _torchrun(tmp_path, "resume")
     _check_matches_reference(meta)
+
+
+def test_fsdp2_lora_like_basis_matches_unsharded_reference(tmp_path):
+    """init_basis='lora_like' prunes by |λ|·||p||·||q||: the norms reduce over P's and Q's shards (DTensor)."""
+    meta = _torchrun(tmp_path, "lora_like")
+    _check_same_run(meta)
+    for m in meta:
+        assert m["orth"] == pytest.approx(m["ref_orth"], rel=1e-10, abs=1e-14)
 
 
 def test_example_loop_runs_under_fsdp2(tmp_path):
