@@ -39,8 +39,9 @@ multiemo (``--task multiemo --cutoff-len 256``), and intent_recognition at 60 x 
 end). ``--methods ... flexlora_grad`` adds FlexLoRA with ``init_from_gradient`` (the opt-in remedy for the slow start
 at LoRA's rate), ``flexlora_fixed`` the same adapter with b0 = 0 (no reallocation: what the P·diag(λ)·Q form costs
 without the events). ``--only RUN ...`` runs exactly the named runs (``lora-s1``, ``base``). ``--flexlora-flags``
-(default ``--lam_lr_rule lora_matched --lam_lr_ratio 1``, the library's λ rate since v0.3) are finetune.py flags of
-the FlexLoRA methods; ``--flexlora-flags ""`` is v0.2's λ at a constant 10x, under which the first tables were made.
+(default ``--lam_lr_rule constant --lam_lr_ratio 1 --init_basis lora_like``, the library defaults since v0.5) are
+finetune.py flags of the FlexLoRA methods; ``"--lam_lr_rule lora_matched --lam_lr_ratio 1"`` is v0.3-v0.4 (orthonormal
+basis), ``--flexlora-flags ""`` v0.2's λ at a constant 10x, under which the first tables were made.
 
 Sizing (measured on this 2-core machine, two workers of one thread each): a training step of batch 4 at cutoff 160
 takes ~5.3 s (4-bit dequantisation included; batch 8: ~10.5 s), lm-eval on both formats ~170 s for the 139 rows
@@ -100,9 +101,10 @@ FLAG_SETTINGS = ("task", "steps", "batch_size", "lr", "cutoff_len", "eval_limit"
 EVAL_SETTINGS = ("task", "eval_limit", "eval_batch_size")  # all that the base model's scores depend on
 SMOKE = {"steps": 3, "batch_size": 8, "eval_limit": 8}
 # The rates under which every FlexLoRA run was recorded before `flexlora_flags` existed and whenever it is "": λ at
-# a constant 10x, P and Q at the optimizer's rate (the library defaults until v0.2; `--basis_lr_ratio` came in v0.4). Passed before the run's own flags (argparse keeps the last one), so
-# a record's settings keep meaning what they meant when the library default changes.
-BASE_FLEXLORA_FLAGS = "--lam_lr_rule constant --lam_lr_ratio 10 --basis_lr_ratio 1"
+# a constant 10x, P and Q at the optimizer's rate, the orthonormal basis (the library defaults until v0.2;
+# `--basis_lr_ratio` came in v0.4, `--init_basis lora_like` became the default in v0.5). Passed before the run's own
+# flags (argparse keeps the last one), so a record's settings keep meaning what they meant when a default changes.
+BASE_FLEXLORA_FLAGS = "--lam_lr_rule constant --lam_lr_ratio 10 --basis_lr_ratio 1 --init_basis orthonormal"
 # Record fields added later, as the runs made before them had them (where that differs from today's default).
 RECORD_DEFAULTS = {"flexlora_flags": ""}
 
@@ -123,8 +125,8 @@ class Settings:
     b0: int = 4
     eval_limit: int = 200
     eval_batch_size: int = 16
-    # finetune.py flags of the FlexLoRA methods, after BASE_FLEXLORA_FLAGS: by default the library's rates since v0.3
-    flexlora_flags: str = "--lam_lr_rule lora_matched --lam_lr_ratio 1"
+    # finetune.py flags of the FlexLoRA methods, after BASE_FLEXLORA_FLAGS: by default the library's since v0.5
+    flexlora_flags: str = "--lam_lr_rule constant --lam_lr_ratio 1 --init_basis lora_like"
 
     @property
     def n_train(self) -> int:
@@ -226,6 +228,8 @@ def finetune_argv(settings: Settings, method: str, seed: int, base: str, data: P
         argv += ["--b0", "0"]  # argparse keeps the last occurrence
     if method != "lora":
         argv += shlex.split(BASE_FLEXLORA_FLAGS) + shlex.split(settings.flexlora_flags)
+    if method == "flexlora_grad":
+        argv += ["--init_basis", "orthonormal"]  # the gradient alignment rotates an orthonormal basis
     return argv
 
 

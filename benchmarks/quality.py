@@ -94,11 +94,11 @@ ABLATIONS = (
 # (AdaLoRA on logical_fallacy_detection, cut in the first v2 sessions, was run in a later one.)
 ABLATION_SEEDS = 3
 OUR_DEFAULTS_OFF = ("init_basis=gaussian", "lam_lr_ratio=1", "adam_reset=shared_step", "orth_reg_weight=0", PAPER)
-# The adapter's rates in every FlexLoRA run of this study: λ at a constant 10x, P and Q at the optimizer's rate, the
-# library defaults when the runs file was made (v0.2). Pinned so the recorded method specs keep their meaning
-# (`lam_lr_ratio=1` is the paper's single rate); the library default since v0.4 is the spec
-# `flexlora:lam_lr_rule=lora_matched,lam_lr_ratio=1,basis_lr_ratio=2` (docs/benchmarks.md).
-STUDY_LAMBDA_RATE = {"lam_lr_rule": "constant", "lam_lr_ratio": 10.0, "basis_lr_ratio": 1.0}
+# The adapter's rates and basis in every FlexLoRA run of this study: λ at a constant 10x, P and Q at the optimizer's
+# rate, the orthonormal basis, the library defaults when the runs file was made (v0.2). Pinned so the recorded method
+# specs keep their meaning (`lam_lr_ratio=1` is the paper's single rate); the library defaults since v0.5 are the spec
+# `flexlora:init_basis=lora_like,lam_lr_ratio=1` (docs/benchmarks.md).
+STUDY_LAMBDA_RATE = {"lam_lr_rule": "constant", "lam_lr_ratio": 10.0, "basis_lr_ratio": 1.0, "init_basis": "orthonormal"}
 DEFAULT_RUNS = Path("benchmarks/results/quality_runs.jsonl")
 DEFAULT_REPORT = Path("benchmarks/results/quality.json")
 

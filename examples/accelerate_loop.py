@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> FlexLoRAModel:
         delta_t=max(1, third // 2),
         total_steps=args.max_steps,
         init_from_gradient=args.init_from_gradient,
+        init_basis="orthonormal" if args.init_from_gradient else "lora_like",  # the alignment rotates an orthonormal basis
     )
     model = get_flexlora_model(base, config)
     if args.fsdp2:

@@ -210,11 +210,11 @@ class FlexLoRAConfig:
         },
     )
     init_basis: str = field(
-        default="orthonormal",
+        default="lora_like",
         metadata={
-            "help": "Initial P columns / Q rows and new directions: 'orthonormal' (unit norm, mutually orthogonal, "
-            "eq. 2 = 0 at step 0), 'gaussian' (N(0, init_scale²), AdaLoRA's; the paper specifies none) or 'lora_like' "
-            "(P = 0, λ = 1/sqrt(3), Q orthonormal: PEFT LoRA's B = 0 / A start; new directions orthonormal, λ = 0)."
+            "help": "Initial directions (the paper specifies none; ΔW = 0 with each): 'lora_like' (P = 0, λ = 1/sqrt(3), "
+            "Q orthonormal: PEFT LoRA's B = 0 / A start, P learns from step one), 'orthonormal' (λ = 0, P, Q "
+            "orthonormal, v0.2-v0.4) or 'gaussian' (λ = 0, P, Q ~ N(0, init_scale²): AdaLoRA's). New directions: λ = 0."
         },
     )
     init_from_gradient: bool = field(
@@ -223,11 +223,10 @@ class FlexLoRAConfig:
     )
     init_scale: float = field(default=0.02, metadata={"help": "Std of the Gaussian P, Q when init_basis='gaussian' (AdaLoRA: 0.02)."})
     lam_lr_rule: str = field(
-        default="lora_matched",
+        default="constant",
         metadata={
-            "help": "λ's learning rate (its own param groups, no weight decay; as LoRA+ does for B): 'lora_matched' "
-            "is lr * lam_lr_ratio * sqrt(d_out / 3) per matrix, so a unit direction moves ΔW as fast as a LoRA B "
-            "column at the same lr (optim_surgery.py); 'constant' is lr * lam_lr_ratio everywhere."
+            "help": "λ's learning rate (own param groups, no weight decay): 'constant' is lr * lam_lr_ratio; 'lora_matched' "
+            "(v0.3-v0.4, for the orthonormal basis) lr * lam_lr_ratio * sqrt(d_out / 3) per matrix (optim_surgery.py)."
         },
     )
     lam_lr_ratio: float = field(
@@ -308,7 +307,8 @@ class FlexLoRAConfig:
         _check_choice("adam_reset", self.adam_reset, ADAM_RESETS)
         _check_choice("lam_lr_rule", self.lam_lr_rule, LAM_LR_RULES)
         if self.init_from_gradient and self.init_basis != "orthonormal":
-            raise ValueError(f"FlexLoRAConfig.init_from_gradient=True needs init_basis='orthonormal', not {self.init_basis!r}.")
+            raise ValueError(f"FlexLoRAConfig.init_from_gradient=True rotates an orthonormal basis: also pass "
+                             f"init_basis='orthonormal' (got {self.init_basis!r}).")
         for name in ("lam_lr_ratio", "basis_lr_ratio"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"FlexLoRAConfig.{name}={getattr(self, name)!r} must be > 0 (1.0: the optimizer's rate).")

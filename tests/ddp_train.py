@@ -40,7 +40,7 @@ def main(out_dir: str, mode: str = "plain") -> None:
     rank = int(os.environ.get("RANK", "0"))
     cfg = FlexLoRAConfig(
         r=4, lora_alpha=8, b0=2, t_warmup=2, t_final=2, delta_t=2, schedule="constant",
-        init_from_gradient=mode == "gradinit",
+        init_from_gradient=mode == "gradinit", init_basis="orthonormal" if mode == "gradinit" else "lora_like",
     )  # fmt: skip
     args = training_args(
         os.path.join(out_dir, "run"), per_device_train_batch_size=4, max_steps=10, ddp_backend="gloo"

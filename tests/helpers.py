@@ -173,8 +173,9 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 def flex_config(**kw: Any) -> FlexLoRAConfig:
-    """r=4, α=8, two moves per event every 10 steps over 100 steps; `kw` overrides any field."""
+    """r=4, α=8, two moves per event every 10 steps over 100 steps, orthonormal basis; `kw` overrides any field."""
     base: dict[str, Any] = {
+        "init_basis": "orthonormal",  # λ is each direction's size, which the mechanics tests set (random_lambda)
         "r": 4,
         "lora_alpha": 8.0,
         "b0": 2,

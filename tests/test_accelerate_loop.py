@@ -42,7 +42,7 @@ def _config(init_from_gradient: bool = False) -> FlexLoRAConfig:
     # constant b(t): eq. 4 would fire only once in so short a run, and the test wants several events
     return FlexLoRAConfig(
         r=4, lora_alpha=8, b0=2, t_warmup=4, t_final=4, delta_t=4, orth_reg_weight=0.1, schedule="constant",
-        init_from_gradient=init_from_gradient,
+        init_from_gradient=init_from_gradient, init_basis="orthonormal" if init_from_gradient else "lora_like",
     )  # fmt: skip
 
 

@@ -84,6 +84,28 @@ def test_lora_like_expansion_is_zero_impact_and_orthogonal_to_a_trained_P() -> N
     assert float((layer.lora_Q[:4].detach() @ q).abs().max()) < 1e-6
 
 
+def test_lora_like_prunes_the_smallest_direction_not_the_smallest_lambda() -> None:
+    """Under lora_like λ is not yet a singular value: the pruned direction is the one of smallest |λ|·||p||·||q||."""
+    layer = _layer("lora_like")
+    with torch.no_grad():
+        layer.lora_P[:, :4] = torch.linalg.qr(torch.randn(40, 4))[0] * torch.tensor([1.0, 0.9, 0.05, 0.8])  # (out, r)
+        layer.lora_lam[:4] = torch.tensor([0.5, 0.3, 2.0, 0.6])  # smallest |λ| is slot 1; smallest size is slot 2
+    torch.testing.assert_close(layer.direction_sizes()[:4], torch.tensor([0.5, 0.27, 0.1, 0.48]), atol=1e-5, rtol=0)
+    removed, _ = layer.prune_smallest()
+    assert removed == 2
+    orthonormal = _layer("orthonormal")
+    with torch.no_grad():
+        orthonormal.lora_lam[:4] = torch.tensor([0.5, 0.3, 2.0, 0.6])
+    assert orthonormal.prune_smallest()[0] == 1  # the paper's rule: smallest |λ|
+
+
+def test_default_config_is_the_lora_like_start_at_the_papers_single_rate() -> None:
+    cfg = FlexLoRAConfig()
+    assert (cfg.init_basis, cfg.lam_lr_rule, cfg.lam_lr_ratio, cfg.basis_lr_ratio) == ("lora_like", "constant", 1.0, 1.0)
+    with pytest.raises(ValueError, match="init_basis='orthonormal'"):
+        FlexLoRAConfig(init_from_gradient=True)  # the alignment rotates an orthonormal basis: the error says so
+
+
 def test_correction_factor_matches_fresh_adam_bias_correction() -> None:
     b1, b2 = 0.9, 0.999
     # a tensor far along (t large) has no bias correction left; a 1-step-old slot needs (sqrt(1-b2)/(1-b1))
@@ -223,7 +245,8 @@ def test_lora_matched_first_step_moves_delta_w_as_far_as_peft_lora(d_out: int) -
         opt.step()
         return float((delta() - before).norm())
 
-    fm = get_flexlora_model(nn.Sequential(nn.Linear(d_in, d_out)), FlexLoRAConfig(r=r, b0=0, lora_alpha=16.0, lam_lr_rule="lora_matched", lam_lr_ratio=1.0))
+    fm = get_flexlora_model(nn.Sequential(nn.Linear(d_in, d_out)), FlexLoRAConfig(r=r, b0=0, lora_alpha=16.0, lam_lr_rule="lora_matched", lam_lr_ratio=1.0,
+                                                                             init_basis="orthonormal"))
     layer = next(layer for _, layer in fm.flexlora_layers())
     flex = step_norm(fm, layer.delta_weight, [g for g in param_groups(fm, lr) if g["params"][0] is layer.lora_lam])
     lora = peft.get_peft_model(nn.Sequential(nn.Linear(d_in, d_out)), peft.LoraConfig(r=r, lora_alpha=16, target_modules=["0"]))

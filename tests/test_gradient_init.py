@@ -38,7 +38,7 @@ def _setup(G: torch.Tensor, r: int, conv1d: bool = False):
     d_out, d_in = G.shape
     fm = get_flexlora_model(
         OneProjection(d_in, d_out, conv1d).double(),
-        FlexLoRAConfig(r=r, lora_alpha=2.0 * r, target_modules=["proj"], b0=0, total_steps=None, init_from_gradient=True),
+        FlexLoRAConfig(r=r, lora_alpha=2.0 * r, target_modules=["proj"], b0=0, total_steps=None, init_from_gradient=True, init_basis="orthonormal"),
     ).double()  # the adapter too (it is created in the default dtype)
     X = torch.eye(d_in, dtype=torch.float64)  # (in, in): rows are the unit vectors, so Dᵀ X = Dᵀ
     D = G.T.contiguous()  # (in, out): dL/dy for each row, chosen so that dL/dW = G
@@ -109,7 +109,7 @@ def test_first_lambda_gradient_is_the_singular_value() -> None:
 
 
 def test_a_module_outside_the_graph_keeps_its_basis() -> None:
-    fm = get_flexlora_model(tiny_llama(eval_mode=False), flex_config(init_from_gradient=True))
+    fm = get_flexlora_model(tiny_llama(eval_mode=False), flex_config(init_from_gradient=True, init_basis="orthonormal"))
     names = fm.module_names
     unused = dict(fm.flexlora_layers())[next(n for n in names if n.endswith("q_proj"))]  # no module feeds only it
     before = unused.lora_P.detach().clone()
@@ -125,7 +125,7 @@ def test_a_module_outside_the_graph_keeps_its_basis() -> None:
 def test_refusals() -> None:
     with pytest.raises(ValueError, match="init_basis='orthonormal'"):
         FlexLoRAConfig(r=4, init_from_gradient=True, init_basis="gaussian")
-    fm = get_flexlora_model(tiny_gpt2(eval_mode=False), flex_config(init_from_gradient=True))
+    fm = get_flexlora_model(tiny_gpt2(eval_mode=False), flex_config(init_from_gradient=True, init_basis="orthonormal"))
     loss = lambda: fm(**inputs(), labels=inputs()["input_ids"]).loss  # noqa: E731
     with pytest.raises(ValueError, match="passes=1"):
         align_to_gradient(fm, loss, passes=1)
@@ -140,7 +140,7 @@ def test_refusals() -> None:
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_trainer_aligns_once_on_a_fresh_run(tmp_path, enabled: bool) -> None:
-    cfg = flex_config(init_from_gradient=enabled, b0=0)
+    cfg = flex_config(init_from_gradient=enabled, init_basis="orthonormal", b0=0)
     trainer = FlexLoRATrainer(
         model=trainer_bert(),
         args=make_args(str(tmp_path), max_steps=2, learning_rate=0.0, lr_scheduler_type="constant"),
@@ -158,7 +158,7 @@ def test_trainer_aligns_once_on_a_fresh_run(tmp_path, enabled: bool) -> None:
 
 
 def test_trainer_keeps_the_basis_of_an_adapter_that_was_already_trained(tmp_path) -> None:
-    fm = get_flexlora_model(tiny_llama(eval_mode=False, vocab_size=64), flex_config(init_from_gradient=True, b0=0))
+    fm = get_flexlora_model(tiny_llama(eval_mode=False, vocab_size=64), flex_config(init_from_gradient=True, init_basis="orthonormal", b0=0))
     with torch.no_grad():
         for _, layer in fm.flexlora_layers():
             layer.lora_lam[: layer.rank] = 0.01  # e.g. loaded from a saved adapter to train further

@@ -36,7 +36,7 @@ def wrap(arch: str, **overrides) -> tuple[FlexLoRAModel, nn.Module]:
     """(FlexLoRA model, untouched deep copy of the same base model)."""
     base = BUILDERS[arch]()
     ref = copy.deepcopy(base)
-    kwargs = dict(r=4, b0=1, max_rank=8, lora_alpha=8.0)
+    kwargs = dict(r=4, b0=1, max_rank=8, lora_alpha=8.0, init_basis="orthonormal")  # λ is the size the tests set
     kwargs.update(overrides)
     return get_flexlora_model(base, FlexLoRAConfig(**kwargs)), ref
 

@@ -175,7 +175,8 @@ def test_wrapping_a_user_loaded_4bit_model_applies_the_guard(tiny_dir):
     q4 = [m for m in model.modules() if is_linear4bit(m)]
     assert q4 and all(m.support_avx512bf16_for_cpu == HAS_AVX512_BF16 for m in q4)
     fm = get_flexlora_model(
-        model, FlexLoRAConfig(r=2, target_modules=TARGETS, b0=1, total_steps=10, t_warmup=2, t_final=2, delta_t=2)
+        model, FlexLoRAConfig(r=2, target_modules=TARGETS, b0=1, total_steps=10, t_warmup=2, t_final=2, delta_t=2,
+                              init_basis="orthonormal")  # unit P, Q: a non-zero λ below gives every factor a gradient
     )
     assert all(m.support_avx512bf16_for_cpu is False for m in q4)
     with torch.no_grad():  # make λ non-zero so every adapter parameter gets a gradient

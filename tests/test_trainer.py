@@ -296,9 +296,9 @@ def test_lambda_is_not_weight_decayed(tmp_path):
     for _, layer in trainer.flexlora_model.flexlora_layers():
         assert id(layer.lora_lam) not in decayed
         assert id(layer.lora_P) in decayed and id(layer.lora_Q) in decayed
-        # the default lam_lr_rule: λ's initial rate (the scheduler keeps the ratio) is lr * sqrt(d_out / 3)
+        # the default lam_lr_rule ("constant", ratio 1: the paper's single rate) in λ's own group, no weight decay
         lam_group = group_of[id(layer.lora_lam)]
-        assert lam_group["initial_lr"] == pytest.approx(trainer.args.learning_rate * math.sqrt(layer.out_features / 3))
+        assert lam_group["initial_lr"] == pytest.approx(trainer.args.learning_rate)
         # basis_lr_ratio=2: P and Q at 2x the rate, still weight-decayed like any weight
         for t in (layer.lora_P, layer.lora_Q):
             assert group_of[id(t)]["initial_lr"] == pytest.approx(2 * trainer.args.learning_rate)
