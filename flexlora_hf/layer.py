@@ -20,7 +20,7 @@ cast by hand (autocast runs both matmuls in its dtype), so bf16 inputs are never
 
 Initialisation (`init_basis`, drawn by `directions.initial_directions`): ΔW = 0, the paper's "zero impact".
 
-* `"orthonormal"` (default): λ = 0, P's columns and Q's rows orthonormal (QR of a Gaussian draw): eq. 2 = 0 at step
+* `"orthonormal"` (this class's default; `FlexLoRAConfig`'s is `"lora_like"` since v0.5): λ = 0, P's columns and Q's rows orthonormal (QR of a Gaussian draw): eq. 2 = 0 at step
   0 and unit-norm directions whatever the layer's shape. Departure from AdaLoRA's Gaussian init (the paper specifies
   none): measured in docs/benchmarks.md, it removes the Gaussian basis' shape-dependent effective learning rate.
 * `"lora_like"`: P = 0, λ = 1/sqrt(3), Q orthonormal: PEFT LoRA's start (B = 0, Kaiming A), so P learns from step one;
@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import INIT_BASES
 from .directions import gaussian_direction, initial_directions, orthogonalize
 
 logger = logging.getLogger(__name__)
@@ -109,8 +110,8 @@ class FlexLoRALayer(nn.Module):
         self.lora_alpha = lora_alpha
         self.scaling = lora_alpha / r
         self.init_scale = init_scale
-        if init_basis not in ("orthonormal", "gaussian", "lora_like"):
-            raise ValueError(f"FlexLoRALayer: init_basis={init_basis!r} must be 'orthonormal', 'gaussian' or 'lora_like'.")
+        if init_basis not in INIT_BASES:
+            raise ValueError(f"FlexLoRALayer: init_basis={init_basis!r} must be one of {INIT_BASES}.")
         self.init_basis = init_basis
         self.fan_in_fan_out = _is_conv1d(base_layer)
         self.lora_dropout: nn.Module = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
