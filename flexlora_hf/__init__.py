@@ -12,10 +12,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._logging import silence_bitsandbytes_kernels_hint
+from ._logging import silence_bitsandbytes_import
 from .constants import __version__ as __version__
 
-silence_bitsandbytes_kernels_hint()
+silence_bitsandbytes_import()
 
 # public name -> submodule that defines it
 _EXPORTS: dict[str, str] = {
