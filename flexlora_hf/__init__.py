@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "FlexLoRAConfig": "config",
     "FlexLoRALayer": "layer",
     "FlexLoRAModel": "model",
+    "FlexLoRASFTTrainer": "integrations.trl",  # needs trl (pip install flexlora_hf[trl])
     "FlexLoRATrainer": "trainer",
     "FlexLoRATrainerMixin": "trainer",
     "ReallocationPlan": "allocation",
@@ -62,6 +63,7 @@ __all__ = [
     "FlexLoRAConfig",
     "FlexLoRALayer",
     "FlexLoRAModel",
+    "FlexLoRASFTTrainer",
     "FlexLoRATrainer",
     "FlexLoRATrainerMixin",
     "ReallocationPlan",
@@ -113,6 +115,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .gradient_init import align_to_gradient
     from .hub import push_to_hub
     from .importance import importance, importance_batched, spectral_entropy
+    from .integrations.trl import FlexLoRASFTTrainer
     from .io.native import load_adapter_into
     from .io.save import save_flexlora
     from .layer import FlexLoRALayer
