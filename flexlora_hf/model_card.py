@@ -217,6 +217,10 @@ def build_model_card(
     training_args: Any = None,
     pipeline_tag: str | None = None,
     repo_id: str | None = None,
+    language: str | Sequence[str] | None = None,
+    license: str | None = None,
+    tags: str | Sequence[str] | None = None,
+    model_name: str | None = None,
 ) -> ModelCard:
     """Build the model card (`README.md`) of a FlexLoRA adapter.
 
@@ -234,6 +238,10 @@ def build_model_card(
         pipeline_tag (`str`, *optional*): Hub pipeline tag; inferred from the model class when not given
             (`text-generation`, `text-classification`, `token-classification`).
         repo_id (`str`, *optional*): the adapter's Hub id, used in the loading snippets.
+        language (`str` or `list[str]`, *optional*): language metadata (as `Trainer.create_model_card`'s).
+        license (`str`, *optional*): license metadata.
+        tags (`str` or `list[str]`, *optional*): tags added after `flexlora`, `lora`, `peft` (and the base model's).
+        model_name (`str`, *optional*): the name in the `model-index` metadata (default: `repo_id` or the title).
 
     Returns:
         `huggingface_hub.ModelCard`
@@ -248,20 +256,23 @@ def build_model_card(
             local_base = name
     task_type = infer_task_type(base)
     pipeline_tag = pipeline_tag or _PIPELINE_TAGS.get(task_type or "")
-    tags = ["flexlora", "lora", "peft"]
+    card_tags = ["flexlora", "lora", "peft"]
     if base_model:
-        tags.append(f"base_model:adapter:{base_model}")  # the tag PEFT's own cards carry
+        card_tags.append(f"base_model:adapter:{base_model}")  # the tag PEFT's own cards carry
+    card_tags += [t for t in _as_list(tags) or [] if t not in card_tags]
     title = f"FlexLoRA adapter for {base_model}" if base_model else "FlexLoRA adapter"
     results = list(eval_results) if eval_results is not None and not isinstance(eval_results, Mapping) else None
     card_data = ModelCardData(
         library_name="peft",
         base_model=base_model,
-        tags=tags,
+        tags=card_tags,
         pipeline_tag=pipeline_tag,
         datasets=_as_list(datasets),
         metrics=_as_list(metrics),
         eval_results=results or None,
-        model_name=(repo_id or title) if results else None,
+        model_name=(model_name or repo_id or title) if results else model_name,
+        language=_as_list(language),
+        license=license,
     )
 
     rank_table, other_rank_table = rank_tables(model.rank_map())

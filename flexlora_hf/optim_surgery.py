@@ -178,6 +178,40 @@ def check_optimizer_supported(optimizer: Any) -> None:
         )
 
 
+class StaleOptimizerError(ValueError):
+    """Raised when an optimizer does not hold the model's trainable adapter tensors (they would never train)."""
+
+
+def check_optimizer_holds_adapter(optimizer: Any, layers: Iterable[tuple[str, FlexLoRALayer]]) -> None:
+    """Raise `StaleOptimizerError` unless `optimizer` holds every trainable P, λ and Q of `layers`.
+
+    An optimizer built before the adapter's Parameters were replaced (slot capacity grown by `finalize_capacity`, or
+    an adapter of another capacity loaded) holds the old tensors: its steps update nothing the model uses, and
+    nothing else would say so. The Trainer calls this at train start; custom loops may call it after building theirs.
+
+    Args:
+        optimizer: a torch optimizer or a wrapper exposing `.optimizer` (accelerate's).
+        layers: `(module path, layer)` pairs, e.g. `model.flexlora_layers()`.
+    """
+    held = {id(p) for group in unwrap_optimizer(optimizer).param_groups for p in group["params"]}
+    names = ("lora_P", "lora_lam", "lora_Q")
+    missing = [
+        f"{path}.{attr}"
+        for path, layer in layers
+        for attr in names
+        if getattr(layer, attr).requires_grad and id(getattr(layer, attr)) not in held
+    ]
+    if missing:
+        raise StaleOptimizerError(
+            f"The optimizer ({type(unwrap_optimizer(optimizer)).__name__}) does not hold {len(missing)} trainable "
+            f"FlexLoRA adapter tensors (e.g. {missing[0]!r}), so training would never update them. It was built before "
+            "the adapter's Parameters were replaced: get_flexlora_model without total_steps grows the rank slots when "
+            "training starts, and loading an adapter of another capacity replaces them too. Fix: set "
+            "FlexLoRAConfig(total_steps=...) or call model.finalize_capacity(total_steps) (and load any adapter) "
+            "before building the optimizer, or let the Trainer build it (drop optimizers=(...))."
+        )
+
+
 def _group_flag(opt: torch.optim.Optimizer, key: str) -> Any:
     for group in getattr(opt, "param_groups", []):
         if key in group:

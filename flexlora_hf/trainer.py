@@ -12,6 +12,11 @@ chosen at t.
   the rank history and writes `rank_history.json` + `rank_heatmap.png` at the end. The orthogonality term and the
   Trainer-logged metrics need the loss hook: mix `FlexLoRATrainerMixin` into your Trainer subclass
   (`class MyTrainer(FlexLoRATrainerMixin, MyBaseTrainer)`), which is exactly what `FlexLoRATrainer` is.
+* Restarts (resume, best-model reload, a second `train()`) live in `trainer_restart.py`, the model card and Hub push
+  in `trainer_card.py`; both are bases of `FlexLoRATrainerMixin`.
+* Optimizers: the one the Trainer builds holds the final-capacity adapter (`create_optimizer` derives the caps
+  first); one passed in `optimizers=(...)` must already hold it, which `optim_surgery.check_optimizer_holds_adapter`
+  checks at train start (else the adapter would silently never train).
 * Weight decay: λ is excluded from decay (it is a singular value, and decaying it would bias the importance metric
   towards pruning by magnitude); P and Q follow `args.weight_decay`.
 """
@@ -28,12 +33,20 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .config import FlexLoRAConfig
-from .constants import CONFIG_NAME
 from .events import event_logs, update_and_allocate, validate_schedule
 from .gradient_init import align_to_gradient, is_fresh
 from .io.history import write_rank_history
 from .model import FlexLoRAModel, get_flexlora_model
-from .optim_surgery import check_optimizer_supported, check_state_layout, needs_own_groups, split_adapter_groups
+from .optim_surgery import (
+    check_optimizer_holds_adapter,
+    check_optimizer_supported,
+    check_state_layout,
+    needs_own_groups,
+    split_adapter_groups,
+    unwrap_optimizer,
+)
+from .trainer_card import TrainerCardMixin
+from .trainer_restart import TrainerRestartMixin
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +111,15 @@ class FlexLoRACallback(TrainerCallback):
                 "without it on purpose.",
                 cfg.orth_reg_weight,
             )
+        self._checked_state = False  # a later train() may bring another optimizer
+        for _, layer in fm.flexlora_layers():
+            # A birth after this run's first step belongs to an earlier run (an adapter loaded without resuming, a
+            # second train()): its age would be negative for this run's step counts, so the direction counts as old.
+            layer.slot_birth = {s: b for s, b in layer.slot_birth.items() if b <= state.global_step}
         optimizer = kwargs.get("optimizer")
         if optimizer is not None:
             check_optimizer_supported(optimizer)
+            check_optimizer_holds_adapter(optimizer, fm.flexlora_layers())  # else the adapter would never train
             if any(layer.slot_birth for _, layer in fm.flexlora_layers()):
                 fm.attach_optimizer(optimizer, state.global_step)  # resumed with young directions (births were saved)
 
@@ -148,8 +167,19 @@ def check_distributed_engine(args: TrainingArguments, trainer: Any = None) -> No
         )
 
 
-class FlexLoRATrainerMixin:
-    """Adds FlexLoRA to a `Trainer` subclass: wrapping, orthogonality loss, logging, saving and resume.
+def _lambda_shares_a_group(optimizer: Any, fm: FlexLoRAModel) -> bool:
+    """Whether some λ sits in a param group with other tensors (it then has no rate of its own)."""
+    lam = {id(layer.lora_lam) for _, layer in fm.flexlora_layers()}
+    for group in unwrap_optimizer(optimizer).param_groups:
+        kinds = {id(p) in lam for p in group["params"]}
+        if kinds == {True, False}:
+            return True
+    return False
+
+
+class FlexLoRATrainerMixin(TrainerRestartMixin, TrainerCardMixin):
+    """Adds FlexLoRA to a `Trainer` subclass: wrapping, orthogonality loss, logging, saving, and (from its bases)
+    resume and restarts (`trainer_restart.py`), the model card and Hub push (`trainer_card.py`).
 
     Use as `class MyTrainer(FlexLoRATrainerMixin, SomeTrainer)`. Accepts every `Trainer` keyword plus
     `flexlora_config`; if `model` is not a `FlexLoRAModel` it is wrapped with that config, otherwise the model's own
@@ -198,13 +228,15 @@ class FlexLoRATrainerMixin:
                 args = (args[0], targs, *args[2:])
         super().__init__(*args, **kwargs)
         check_distributed_engine(self.args, self)  # type: ignore[attr-defined]  # incl. an accelerate config's FSDP
+        # The optimizer this Trainer built (None: none yet, or the caller's from optimizers=(...)); see train().
+        self._own_optimizer: torch.optim.Optimizer | None = None
         lr = float(self.args.learning_rate)  # type: ignore[attr-defined]
         basis = self.flexlora_model.flexlora_config.init_basis
         if lr <= LORA_TYPICAL_LR and basis != "lora_like":
             logger.info(
-                "FlexLoRA: learning_rate=%g is a LoRA-typical rate, and init_basis=%r starts with λ = 0: at LoRA's rate "
-                "that start learned later than LoRA on a 135M decoder (SmolLM2 intent_recognition, 5 seeds: 70.9 vs "
-                "88.9 at 200 steps), where the default init_basis='lora_like' matched it (89.5) (docs/benchmarks.md).",
+                "FlexLoRA: learning_rate=%g is a LoRA-typical rate, and init_basis=%r starts with λ = 0: at LoRA's "
+                "rate that start learned later than LoRA on the decoder check, where the default "
+                "init_basis='lora_like' kept up with it; see docs/benchmarks.md.",
                 lr, basis,
             )
 
@@ -221,7 +253,17 @@ class FlexLoRATrainerMixin:
         fresh = getattr(self, "optimizer", None) is None
         optimizer = super().create_optimizer(model)  # type: ignore[misc]
         cfg = fm.flexlora_config
-        if fresh and needs_own_groups(cfg):  # before the scheduler exists, so
+        if not fresh:  # the caller's optimizer; check_optimizer_holds_adapter runs at train start
+            if needs_own_groups(cfg) and _lambda_shares_a_group(optimizer, fm):
+                logger.info(
+                    "FlexLoRA: the optimizer from optimizers=(...) keeps its own param groups, so λ's rate "
+                    "(lam_lr_rule=%r, lam_lr_ratio=%g, basis_lr_ratio=%g) is not applied; build its groups with "
+                    "flexlora_hf.optim_surgery.param_groups(model, lr) to apply it.",
+                    cfg.lam_lr_rule, cfg.lam_lr_ratio, cfg.basis_lr_ratio,
+                )
+            return optimizer
+        self._own_optimizer = unwrap_optimizer(optimizer)
+        if needs_own_groups(cfg):  # before the scheduler exists, so
             split_adapter_groups(optimizer, fm, self.args.learning_rate)  # type: ignore[attr-defined]  # it keeps the ratios
         return optimizer
 
@@ -294,7 +336,7 @@ class FlexLoRATrainerMixin:
             logs["flexlora/total_rank"] = float(self.flexlora_model.total_rank())
         super().log(logs, *args, **kwargs)  # type: ignore[misc]
 
-    # -------------------------------------------------------------- saving / resume
+    # -------------------------------------------------------------- saving (loading: trainer_restart.py)
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoints and `save_model()` write the FlexLoRA adapter directory, never the full base model."""
         args = self.args  # type: ignore[attr-defined]
@@ -307,74 +349,6 @@ class FlexLoRATrainerMixin:
         if getattr(self, "processing_class", None) is not None:
             self.processing_class.save_pretrained(output_dir)  # type: ignore[attr-defined]
         torch.save(args, os.path.join(output_dir, "training_args.bin"))  # same file Trainer writes
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        from .io.native import load_adapter_into
-
-        if not os.path.isfile(os.path.join(resume_from_checkpoint, CONFIG_NAME)):
-            raise ValueError(f"{resume_from_checkpoint} is not a FlexLoRA checkpoint (no flexlora_config.json).")
-        load_adapter_into(self.flexlora_model, resume_from_checkpoint)
-
-    def _load_best_model(self) -> None:
-        best = self.state.best_model_checkpoint  # type: ignore[attr-defined]
-        if best is None:
-            return
-        logger.info("Loading best FlexLoRA adapter from %s (score: %s).", best, self.state.best_metric)  # type: ignore[attr-defined]
-        fm = self.flexlora_model
-        history = list(fm.rank_history)  # the checkpoint's history stops at its step: keep every event of the run
-        self._load_from_checkpoint(best)
-        fm.rank_history = history + [
-            {
-                "step": self.state.global_step,  # type: ignore[attr-defined]
-                "budget": 0,
-                "prune": [],
-                "expand": [],
-                "scores": {},
-                "ranks": fm.rank_map(),
-                "loaded_best_model_checkpoint": best,
-            }
-        ]
-
-    # -------------------------------------------------------------- Hub
-    def push_to_hub(
-        self,
-        commit_message: str | None = "End of training",
-        blocking: bool = True,
-        token: str | None = None,
-        revision: str | None = None,
-        private: bool | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """Publish the adapter folder with the FlexLoRA model card (not transformers' generic card).
-
-        The repo is `args.hub_model_id` (a bare name is put in the token owner's namespace) or the output dir's name.
-        The card gets the training arguments and the latest `eval_*` metrics. Only the main process uploads.
-        Extra keyword arguments accepted by `build_model_card` (`datasets`, `metrics`, `pipeline_tag`,
-        `base_model`) are forwarded to it; others are ignored like Trainer's card arguments.
-        """
-        from huggingface_hub import HfApi
-
-        args = self.args  # type: ignore[attr-defined]
-        if not self.is_world_process_zero():  # type: ignore[attr-defined]
-            return None
-        token = token or args.hub_token
-        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
-        if "/" not in repo_id:
-            repo_id = f"{HfApi(token=token).whoami()['name']}/{repo_id}"
-        self.save_model(_internal_call=True)  # type: ignore[attr-defined]
-        evals = {}
-        for entry in self.state.log_history:  # type: ignore[attr-defined]
-            evals.update({k[len("eval_") :]: v for k, v in entry.items() if k.startswith("eval_")})
-        card: dict[str, Any] = {k: kwargs[k] for k in ("datasets", "metrics", "pipeline_tag", "base_model") if k in kwargs}
-        card.update(training_args=args, eval_results=evals or None)
-        return self.flexlora_model.push_to_hub(
-            repo_id,
-            token=token,
-            private=private if private is not None else args.hub_private_repo,
-            commit_message=commit_message,
-            revision=revision or args.hub_revision,
-            model_card_kwargs=card,
-        )
 
     def save_rank_history(self, output_dir: str | None = None) -> None:
         """Write `rank_history.json` and the heatmap to `output_dir` (default: `args.output_dir`)."""

@@ -305,7 +305,10 @@ def restore(model: FlexLoRAModel, saved: SavedAdapter) -> None:
         _check_modules_to_save(model.get_base_model(), saved, adapted=True)  # before the first layer changes
     for name, layer in model.flexlora_layers():
         parts = saved.modules[name]
-        layer.set_capacity(saved.capacity[name])
+        if layer.capacity != saved.capacity[name]:
+            layer.set_capacity(saved.capacity[name])  # new Parameter objects: an optimizer built earlier is stale
+        # At the same capacity the values are written into the existing Parameters (load_compact zeroes the slots
+        # first), so an optimizer that holds them keeps working: the Trainer's resume and best-model reload.
         layer.load_compact(parts["P"], parts["lam"], parts["Q"], parts["slots"])
         layer.slot_birth = dict(saved.slot_birth.get(name, {}))
     if saved.modules_to_save:
@@ -317,16 +320,21 @@ def restore(model: FlexLoRAModel, saved: SavedAdapter) -> None:
     model.capacity_final = saved.capacity_final
 
 
-def load_adapter_into(model: FlexLoRAModel, path: str | os.PathLike[str]) -> None:
+def load_adapter_into(model: FlexLoRAModel, path: str | os.PathLike[str]) -> SavedAdapter:
     """Load a saved adapter folder into an existing `FlexLoRAModel` in place (checkpoint resume, best model).
 
     The model keeps its own configuration and trainability; adapter tensors, slot layout, capacities,
-    modules_to_save weights and the rank history become the saved ones. Call it before the optimizer is created
-    when a capacity has to change (that replaces the Parameter objects).
+    modules_to_save weights and the rank history become the saved ones. Where a layer already has the saved
+    capacity its values are copied into the existing Parameters, so an optimizer that holds them stays valid; where
+    the capacity differs the Parameters are replaced, and an optimizer built before holds stale tensors (build it
+    after loading).
 
     Args:
         model (`FlexLoRAModel`): adapted on the same modules as the saved adapter.
         path (`str` or `os.PathLike`): a local adapter folder.
+
+    Returns:
+        `SavedAdapter`: what was read (its `config` is the saved configuration, e.g. the run's `total_steps`).
 
     Raises:
         FileNotFoundError / ValueError: as `FlexLoRAModel.from_pretrained`; also when the model adapts other modules.
@@ -353,3 +361,4 @@ def load_adapter_into(model: FlexLoRAModel, path: str | os.PathLike[str]) -> Non
         _check_capacity_fits(name, saved.capacity[name], d_out, d_in)
     restore(model, saved)
     logger.info("Loaded FlexLoRA adapter state from %s into the model (total rank %d)", directory, model.total_rank())
+    return saved
