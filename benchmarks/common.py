@@ -409,7 +409,7 @@ class Trainee:
 
         fm: Any = self.model
         cfg = fm.flexlora_config
-        if not is_event_step(self.t, delta_t=cfg.delta_t, **cfg.schedule_kwargs()):
+        if not is_event_step(self.t, **cfg.grid_kwargs()):
             return 0.0, 0.0
         synchronize(self.device)
         a0, ac0 = time.perf_counter(), time.process_time()

@@ -148,7 +148,7 @@ def measure(r: int, args: argparse.Namespace, device: torch.device) -> dict[str,
         r + args.capacity_extra,
         build_s,
     )
-    step = cfg.t_warmup
+    step = cfg.steps()["t_warmup"]
     for _ in range(args.warmup):
         step += DELTA_T
         run_event(fm, cfg.b0, step, opt)

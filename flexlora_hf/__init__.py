@@ -3,7 +3,7 @@
 ΔW = P·diag(λ)·Q adapters whose ranks move between matrices during training, guided by the spectral entropy of λ.
 
 Every public name is resolved on first use (PEP 562), so `import flexlora_hf` imports nothing heavy, and the
-adapter core (`config`, `importance`, `schedule`, `allocation`, `layer`, `model`, `events`) never pulls in
+adapter core (`config`, `scoring`, `spectrum`, `schedule`, `allocation`, `layer`, `model`, `events`) never pulls in
 transformers, peft, bitsandbytes, lm-eval, matplotlib, datasets or huggingface_hub.
 """
 
@@ -34,8 +34,8 @@ _EXPORTS: dict[str, str] = {
     "event_steps": "schedule",
     "get_flexlora_model": "model",
     "guard_bnb_cpu": "quantization",
-    "importance": "importance",
-    "importance_batched": "importance",
+    "importance": "scoring",
+    "importance_batched": "scoring",
     "is_event_step": "schedule",
     "load_adapter_into": "io.native",
     "load_flexlora": "model",
@@ -47,7 +47,7 @@ _EXPORTS: dict[str, str] = {
     "plot_rank_history": "plotting",
     "push_to_hub": "hub",
     "save_flexlora": "io.save",
-    "spectral_entropy": "importance",
+    "spectral_entropy": "scoring",
     "to_lora_config": "transfer",
     # lm-eval is optional and slow to import
     "FlexLoRALM": "evaluation",
@@ -114,7 +114,6 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .evaluation import results_table as results_table
     from .gradient_init import align_to_gradient
     from .hub import push_to_hub
-    from .importance import importance, importance_batched, spectral_entropy
     from .integrations.trl import FlexLoRASFTTrainer
     from .io.native import load_adapter_into
     from .io.save import save_flexlora
@@ -124,6 +123,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .plotting import plot_rank_history
     from .quantization import guard_bnb_cpu, load_base_model
     from .schedule import budget_at, event_steps, is_event_step
+    from .scoring import importance, importance_batched, spectral_entropy
     from .trainer import FlexLoRACallback, FlexLoRATrainer, FlexLoRATrainerMixin
     from .transfer import lora_config_from_pretrained, lora_config_from_rank_map, to_lora_config
     from .warm_start import load_peft_view

@@ -11,56 +11,37 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .choices import (  # noqa: F401 -- also re-exported: their historical home
+    ADAM_RESETS,
+    ALLOCATIONS,
+    EXPANSION_INITS,
+    IMPORTANCE_METRICS,
+    INIT_BASES,
+    LAM_LR_RULES,
+    REGEX_PREFIX,
+    SCHEDULES,
+    _check_choice,
+    _check_integer,
+    _check_real,
+    check_steps,
+    is_integer,
+    parse_max_rank,
+    parse_module_list,
+    steps_of,
+)
 from .constants import CONFIG_NAME
 
 logger = logging.getLogger(__name__)
-
-IMPORTANCE_METRICS = ("entropy", "nuclear", "frobenius", "elem_energy_entropy", "mat_energy_entropy")
-ALLOCATIONS = ("bidirectional", "prune_only", "expand_only")
-EXPANSION_INITS = ("zero_impact", "small", "zero", "orthogonal")
-SCHEDULES = ("paper", "window", "constant")
-INIT_BASES = ("orthonormal", "gaussian", "lora_like")
-ADAM_RESETS = ("slot_age", "shared_step")
-LAM_LR_RULES = ("lora_matched", "constant")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"FlexLoRAConfig.{name}={value!r} is not supported; choose one of {', '.join(choices)}.")
-
-
-def is_integer(value: Any) -> bool:
-    """An integer that is not a bool (Python or NumPy ints; `True` and `100.0` are not integers here)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _check_integer(name: str, value: Any, minimum: int | None, fix: str) -> None:
-    if not is_integer(value) or (minimum is not None and value < minimum):
-        # A float such as 100.0 (a hand-edited JSON file) would break the event grid's range() and slot arithmetic.
-        hint = f" Write {name}={int(value)}." if isinstance(value, float) and value.is_integer() else ""
-        bound = "" if minimum is None else f" >= {minimum}"
-        raise ValueError(f"FlexLoRAConfig.{name}={value!r} must be an integer{bound} ({fix}).{hint}")
-
-
-def _check_real(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"FlexLoRAConfig.{name}={value!r} must be a finite number (got {type(value).__name__}).")
-
 
 # Integer fields: (name, minimum, how to fix); total_steps may also be None.
 _INTEGER_FIELDS = (
     ("r", 1, "e.g. r=8"),
     ("b0", 0, "paper uses 4"),
-    ("t_warmup", 0, "e.g. 500"),
-    ("t_final", 0, "e.g. 500"),
-    ("delta_t", 1, "e.g. 100"),
     ("total_steps", 1, "or None to take the Trainer's max_steps"),
     ("seed", None, "e.g. seed=0"),
 )
@@ -72,72 +53,6 @@ _REAL_FIELDS = (
 # per call (`get_flexlora_model` and the Trainer's start both validate the same budget).
 _CLAMP_WARNED: set[tuple[int, str, int]] = set()
 
-
-REGEX_PREFIX = "re:"
-"""Prefix marking a command-line ``--target_modules`` value as a regular expression instead of a list of names."""
-
-
-def parse_module_list(value: Any) -> list[str] | str | None:
-    """The one parser of ``target_modules`` / ``modules_to_save`` values, from Python, JSON or the command line.
-
-    Args:
-        value (`str`, `list[str]` or `None`):
-            a list (Python, JSON, or ``nargs`` flags such as ``['q_proj,v_proj']``) is split on commas, and
-            ``['all-linear']`` becomes ``"all-linear"``; a command-line string ``"query,key,value"`` becomes
-            ``["query", "key", "value"]``, ``"all-linear"`` stays, ``"re:.*attn.*"`` is the regex ``".*attn.*"``,
-            ``"none"`` is ``[]``; `None` or ``""`` is `None` (the library default).
-
-    Returns:
-        `list[str]`, `str` or `None`: a value `FlexLoRAConfig` accepts.
-    """
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple, set, frozenset)):
-        if not all(isinstance(item, str) for item in value):
-            raise ValueError(f"module list {list(value)!r} must hold module names (strings), e.g. ['q_proj', 'v_proj'].")
-        items = sorted(value) if isinstance(value, (set, frozenset)) else value  # sets have no order: sort them
-        names = [n.strip() for item in items for n in str(item).split(",") if n.strip()]
-        return "all-linear" if names == ["all-linear"] else names
-    if not isinstance(value, str):
-        raise ValueError(f"module list {value!r} must be a string or a list of module names, e.g. ['q_proj', 'v_proj'].")
-    text = value.strip()
-    if not text:
-        return None
-    if text.lower() == "none":
-        return []
-    if text == "all-linear":
-        return text
-    if text.startswith(REGEX_PREFIX):
-        return text[len(REGEX_PREFIX) :]
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def parse_max_rank(value: Any) -> int | dict[str, int] | None:
-    """Parse a ``max_rank`` value: ``"12"`` -> 12, ``'{"layer.0.query": 16}'`` -> a dict, `None`/``""`` -> `None`.
-
-    Raises:
-        ValueError: if the string is neither an integer nor a JSON object, or a cap is not an integer.
-    """
-    if value is None or is_integer(value):
-        return value
-    if isinstance(value, Mapping):
-        bad = {k: v for k, v in value.items() if not is_integer(v)}
-        if bad:
-            raise ValueError(
-                f"--max_rank caps must be integers; got {bad!r}. Write e.g. {{\"model.layers.0.self_attn.q_proj\": 16}}."
-            )
-        return {str(k): int(v) for k, v in value.items()}
-    if not isinstance(value, str):
-        raise ValueError(f"--max_rank={value!r} must be an integer or a JSON object {{module path: cap}}.")
-    text = value.strip()
-    if not text:
-        return None
-    if text.startswith("{"):
-        return parse_max_rank(json.loads(text))
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"--max_rank={value!r} must be an integer or a JSON object {{module path: cap}}.") from None
 
 
 @dataclass
@@ -171,9 +86,19 @@ class FlexLoRAConfig:
         metadata={"help": "Extra modules (e.g. a classifier head) that are trained in full and saved with the adapter."},
     )
     b0: int = field(default=4, metadata={"help": "Paper's b: the largest number of directions pruned and expanded per event."})
-    t_warmup: int = field(default=500, metadata={"help": "Optimizer steps before the first reallocation event (paper: T_warmup)."})
-    t_final: int = field(default=500, metadata={"help": "Optimizer steps at the end with frozen ranks (paper: T_final)."})
-    delta_t: int = field(default=100, metadata={"help": "Optimizer steps between reallocation events (paper: Δ_T)."})
+    # Typed float so HfArgumentParser accepts both `--t_warmup 500` and `--t_warmup 0.1` (validated by check_steps).
+    t_warmup: float = field(
+        default=500,
+        metadata={"help": "Steps before the first reallocation event (paper: T_warmup), or a fraction of the run in (0, 1)."},
+    )
+    t_final: float = field(
+        default=500,
+        metadata={"help": "Steps at the end with frozen ranks (paper: T_final), or a fraction of the run in (0, 1)."},
+    )
+    delta_t: float = field(
+        default=100,
+        metadata={"help": "Steps between reallocation events (paper: Δ_T), or a fraction of the run in (0, 1)."},
+    )
     total_steps: int | None = field(
         default=None, metadata={"help": "Total optimizer steps T. Leave unset with FlexLoRATrainer: it uses the Trainer's max_steps."}
     )
@@ -201,6 +126,20 @@ class FlexLoRAConfig:
     expansion_init: str = field(
         default="zero_impact",
         metadata={"help": f"Initialisation of new directions: one of {', '.join(EXPANSION_INITS)} (Table 6)."},
+    )
+    svd_prune: bool = field(
+        default=True,
+        metadata={
+            "help": "Before pruning a matrix, rotate its directions onto ΔW's SVD (ΔW unchanged), so the pruned "
+            "direction is the weakest singular one (Eckart-Young). False: prune the smallest |λ|·||p||·||q|| as is."
+        },
+    )
+    grace_events: int = field(
+        default=1,
+        metadata={
+            "help": "Events after a matrix gains a direction during which it is not pruned, so a new zero-impact "
+            "direction cannot by itself make its matrix the next prune target (0: the paper, no grace)."
+        },
     )
     schedule: str = field(
         default="paper",
@@ -277,13 +216,17 @@ class FlexLoRAConfig:
             if not (name == "total_steps" and self.total_steps is None):
                 _check_integer(name, getattr(self, name), minimum, fix)
                 setattr(self, name, int(getattr(self, name)))  # NumPy ints -> int: the config stays JSON-serialisable
+        for name, minimum in (("t_warmup", 0), ("t_final", 0), ("delta_t", 1)):
+            setattr(self, name, check_steps(name, getattr(self, name), minimum))
+        _check_integer("grace_events", self.grace_events, 0, "1 skips one event; 0 is the paper")
         for name in _REAL_FIELDS:
             _check_real(name, getattr(self, name))
         if self.lora_alpha <= 0:
             raise ValueError(f"FlexLoRAConfig.lora_alpha={self.lora_alpha!r} must be > 0 (paper uses 16).")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"FlexLoRAConfig.lora_dropout={self.lora_dropout!r} must be in [0, 1).")
-        if self.total_steps is not None and self.t_warmup + self.t_final >= self.total_steps:
+        window = self.total_steps is not None and self.b0 > 0  # a fixed-rank adapter (b0 = 0) needs no window
+        if window and sum(self.steps()[k] for k in ("t_warmup", "t_final")) >= (self.total_steps or 0):
             raise ValueError(
                 f"FlexLoRAConfig: t_warmup + t_final = {self.t_warmup} + {self.t_final} >= total_steps = "
                 f"{self.total_steps}, so no reallocation can happen. Lower t_warmup/t_final or train longer."
@@ -347,17 +290,31 @@ class FlexLoRAConfig:
                 self.b0, self.b0, moves, n_modules, usable, usable,
             )
 
-    def schedule_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of `budget_at` / `is_event_step` / `event_steps` (needs `total_steps`)."""
+    def steps(self) -> dict[str, int]:
+        """`t_warmup`, `t_final`, `delta_t` in optimizer steps (fractions resolved against `total_steps`)."""
         if self.total_steps is None:
             raise ValueError("FlexLoRAConfig.total_steps is unset: the schedule needs the run's total optimizer steps.")
+        T = self.total_steps
+        return {
+            "t_warmup": steps_of(self.t_warmup, T),
+            "t_final": steps_of(self.t_final, T),
+            "delta_t": steps_of(self.delta_t, T, minimum=1),
+        }
+
+    def schedule_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `budget_at` (needs `total_steps`); `grid_kwargs` adds `delta_t`."""
+        steps = self.steps()
         return dict(
             b0=self.b0,
-            t_warmup=self.t_warmup,
-            t_final=self.t_final,
+            t_warmup=steps["t_warmup"],
+            t_final=steps["t_final"],
             total_steps=self.total_steps,
             schedule=self.schedule,
         )
+
+    def grid_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `is_event_step` / `event_steps`: `schedule_kwargs` plus `delta_t` in steps."""
+        return {**self.schedule_kwargs(), "delta_t": self.steps()["delta_t"]}
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

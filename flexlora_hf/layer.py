@@ -18,17 +18,10 @@ Dtype policy (as PEFT's LoRA layer): the adapter keeps its own dtype (fp32 by de
 outside autocast the input is cast to it and ΔW·x is cast back to the base output's dtype; under autocast nothing is
 cast by hand (autocast runs both matmuls in its dtype), so bf16 inputs are never copied to fp32 for nothing.
 
-Initialisation (`init_basis`, drawn by `directions.initial_directions`): ΔW = 0, the paper's "zero impact".
-
-* `"orthonormal"` (this class's default; `FlexLoRAConfig`'s is `"lora_like"` since v0.5): λ = 0, P's columns and Q's rows orthonormal (QR of a Gaussian draw): eq. 2 = 0 at step
-  0 and unit-norm directions whatever the layer's shape. Departure from AdaLoRA's Gaussian init (the paper specifies
-  none): measured in docs/benchmarks.md, it removes the Gaussian basis' shape-dependent effective learning rate.
-* `"lora_like"`: P = 0, λ = 1/sqrt(3), Q orthonormal: PEFT LoRA's start (B = 0, Kaiming A), so P learns from step one;
-  λ is then a singular value only once eq. 2 has made P orthonormal, so pruning and importance rank
-  |λ|·||p||·||q|| (`direction_sizes`), which is |λ| when eq. 2 holds.
-* `"gaussian"`: λ = 0, P, Q ~ N(0, init_scale²) (AdaLoRA's 0.02).
-
-New directions get λ = 0 and a draw orthogonalised against the active ones, normalised (Gaussian: at init_scale).
+Initialisation (`init_basis`, drawn and documented in `directions.initial_directions`): ΔW = 0, the paper's "zero
+impact". New directions get λ = 0 and a draw orthogonalised against the active ones (unit norm; Gaussian basis: at
+init_scale). Importance reads ΔW's real spectrum (`spectrum`) and pruning first rotates the directions onto ΔW's SVD
+(`rotate_to_svd`), so neither assumes that eq. 2 has made P and Q orthonormal.
 """
 
 from __future__ import annotations
@@ -43,6 +36,7 @@ from torch import nn
 
 from .config import INIT_BASES
 from .directions import gaussian_direction, initial_directions, orthogonalize
+from .spectrum import factored_singular_values, factored_svd
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +207,14 @@ class FlexLoRALayer(nn.Module):
         q_norm = whole(self.lora_Q.detach().float().square().sum(1)).sqrt()  # (R,)
         return lam * p_norm * q_norm
 
+    def spectrum(self, whole: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
+        """Singular values of the active P·diag(λ)·Q (rank,), descending, float64: what eq. 3 scores, whatever the
+        basis (`spectrum.py`). `whole` makes a sharded tensor whole (FSDP2: `sharding.full_tensor`, a gather)."""
+        r = self._rank
+        P = whole(self.lora_P.detach())[:, :r]  # (out, r)
+        Q = whole(self.lora_Q.detach())[:r]  # (r, in)
+        return factored_singular_values(P, whole(self.lora_lam.detach())[:r], Q)  # (r,)
+
     # ------------------------------------------------------------------ regulariser
     def orth_reg(self) -> torch.Tensor:
         """Eq. 2 over the active directions: ||PᵀP - I||_F² + ||QQᵀ - I||_F² (squared, as printed in the paper).
@@ -245,11 +247,25 @@ class FlexLoRALayer(nn.Module):
         self.slot_birth.pop(slot, None)
 
     @torch.no_grad()
-    def prune_smallest(self) -> tuple[int, int | None]:
-        """Remove the active direction of smallest `direction_sizes` (|λ|; ties: lowest slot), keep a prefix.
+    def rotate_to_svd(self) -> None:
+        """Re-express the active directions as ΔW's thin SVD, ΔW unchanged (`spectrum.factored_svd`): P's columns
+        and Q's rows become orthonormal, λ the singular values, slot i the i-th strongest direction. The optimizer
+        state of every active slot no longer matches its direction: the caller resets it (`FlexLoRAModel.apply_plan`)."""
+        r = self._rank
+        U, S, Vh = factored_svd(self.lora_P[:, :r], self.lora_lam[:r], self.lora_Q[:r])  # (out, r), (r,), (r, in)
+        self.lora_P[:, :r] = U.to(self.lora_P.device, self.lora_P.dtype)
+        self.lora_lam[:r] = S.to(self.lora_lam.device, self.lora_lam.dtype)
+        self.lora_Q[:r] = Vh.to(self.lora_Q.device, self.lora_Q.dtype)
+        self.slot_birth = {}
 
-        The last active direction moves into the hole (unless it is the one removed), and the freed last slot is
-        zeroed. The authors' code removes argmin of the *signed* λ, which can drop the largest negative direction.
+    @torch.no_grad()
+    def prune_smallest(self, *, rotate: bool = True) -> tuple[int, int | None]:
+        """Remove the weakest active direction and keep the active slots a prefix.
+
+        `rotate=True` (default): first `rotate_to_svd`, then drop the last slot, the smallest singular direction, so
+        the pruned ΔW is the best rank-(r-1) approximation (Eckart-Young). `rotate=False`: drop the direction of
+        smallest `direction_sizes` (ties: lowest slot) as it stands, which is a singular direction only when P and Q
+        are orthonormal (the paper's assumption). Either way never argmin of the *signed* λ (the authors' code).
 
         Returns:
             `(slot, moved_from)`: the slot whose direction was removed, and the slot whose direction now occupies it
@@ -258,7 +274,11 @@ class FlexLoRALayer(nn.Module):
         r = self._rank
         if r == 0:
             raise RuntimeError("prune_smallest: no active direction left to prune.")
-        slot = int(torch.argmin(self.direction_sizes()[:r]).item())
+        if rotate:
+            self.rotate_to_svd()
+            slot = r - 1
+        else:
+            slot = int(torch.argmin(self.direction_sizes()[:r]).item())
         last = r - 1
         self._zero(slot)
         moved_from = None
@@ -361,35 +381,6 @@ class FlexLoRALayer(nn.Module):
         self.lora_Q[:r] = Q[order].to(self.lora_Q.device, self.lora_Q.dtype)
         self._set_rank(r)
         self.slot_birth = {}
-
-    # ------------------------------------------------------------------ merging
-    def check_mergeable(self) -> None:
-        """Raise `ValueError` if ΔW cannot be merged exactly into the base layer (bitsandbytes-quantised base)."""
-        base: Any = self.base_layer
-        kind = type(base).__name__
-        if is_linear4bit(base) or kind == "Linear8bitLt":
-            raise ValueError(
-                f"Refusing to merge FlexLoRA into a bitsandbytes-quantised {kind} base layer: re-quantising W + ΔW "
-                "rounds most of ΔW away (an update of std 1e-3 on NF4 weights of std 0.02 keeps ~30% of its "
-                "effect), so the merged model would silently lose the fine-tuning. Either keep the adapter unmerged "
-                "(inference on the quantised base matches training), or load the base in full precision "
-                "(`flexlora_hf.quantization.load_base_model(path, load_in_4bit=False)` or `from_pretrained(path, "
-                "dtype=torch.bfloat16)`), load the adapter with `FlexLoRAModel.from_pretrained(base, adapter_dir)` "
-                "and call `merge_and_unload()` there."
-            )
-
-    @torch.no_grad()
-    def merged_base_layer(self) -> nn.Module:
-        """The base layer with ΔW added to its weight (adapter untouched). `ValueError` on a bitsandbytes base."""
-        self.check_mergeable()
-        base: Any = self.base_layer
-        delta = self.delta_weight()  # (out, in)
-        w = base.weight
-        if self.fan_in_fan_out:
-            w.data += delta.T.to(w.device, w.dtype)  # Conv1D stores (in, out)
-        else:
-            w.data += delta.to(w.device, w.dtype)
-        return base
 
     def extra_repr(self) -> str:
         return (

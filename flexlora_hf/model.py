@@ -24,10 +24,11 @@ from torch import nn
 from .allocation import ReallocationPlan
 from .config import FlexLoRAConfig
 from .events import update_and_allocate
-from .importance import importance_batched
 from .layer import FlexLoRALayer, layer_shape
+from .merging import check_mergeable, merged_base_layer
 from .optim_surgery import move_slots, reset_slots
 from .quantization import guard_bnb_cpu
+from .scoring import importance_batched
 from .sharding import full_tensor, gathered, orth_terms, refuse_if_sharded, sync_orth_mode
 from .slot_age import SlotAgeCorrection
 from .targets import default_modules_to_save, find_target_modules, matches, resolve_capacity, set_module
@@ -108,8 +109,7 @@ class FlexLoRAModel(nn.Module):
     # ------------------------------------------------------------------ views
     def flexlora_layers(self) -> Iterator[tuple[str, FlexLoRALayer]]:
         """(module path in the base model, layer) for every adapted matrix, in model order."""
-        # Cached: get_submodule walks the module tree and dominated an event's CPU time at 160 matrices.
-        yield from self._layer_cache
+        yield from self._layer_cache  # cached: get_submodule walks the tree (an event's CPU time at 160 matrices)
 
     @property
     def module_names(self) -> list[str]:
@@ -127,22 +127,20 @@ class FlexLoRAModel(nn.Module):
         return {name: layer.capacity for name, layer in self.flexlora_layers()}
 
     def importance_scores(self, metric: str | None = None) -> dict[str, float]:
-        """Module path -> importance of its active λ (config.importance by default), one vectorised call."""
+        """Module path -> importance (config.importance by default) of the singular values of its active ΔW
+        (`FlexLoRALayer.spectrum`: exact whatever the basis), scored in one vectorised call and one host sync."""
         layers = list(self.flexlora_layers())
         if not layers:
             return {}
-        # The small (R,) vectors go to one device first: a model placed across devices (device_map) has layers on
-        # several, and torch.stack refuses to mix them.
+        # Spectra go to one device first: a model placed across devices (device_map) has layers on several.
         dev = layers[0][1].lora_lam.device
         R = max(layer.capacity for _, layer in layers)
-        # |λ| (or |λ|·||p||·||q||, direction_sizes); under FSDP2 each λ is sharded: gathered, one (R,) per layer.
-        lam = torch.stack(
-            [nn.functional.pad(la.direction_sizes(full_tensor).to(dev), (0, R - la.capacity)) for _, la in layers]
-        )  # (M, R)
+        spectra = [la.spectrum(full_tensor).to(dev) for _, la in layers]  # (rank,) each; FSDP2: P, Q gathered
+        sigma = torch.stack([nn.functional.pad(S, (0, R - S.shape[0])) for S in spectra])  # (M, R)
         ranks = torch.tensor([la.rank for _, la in layers], device=dev)  # (M,)
         mask = torch.arange(R, device=dev)[None, :] < ranks[:, None]  # (M, R): active prefixes
         cfg = self.flexlora_config
-        scores = importance_batched(lam, mask, metric=metric or cfg.importance, eps=cfg.entropy_eps)  # (M,)
+        scores = importance_batched(sigma, mask, metric=metric or cfg.importance, eps=cfg.entropy_eps)  # (M,)
         values = scores.tolist()  # one host sync for all modules
         return {name: float(v) for (name, _), v in zip(layers, values, strict=True)}
 
@@ -219,9 +217,15 @@ class FlexLoRAModel(nn.Module):
         # FSDP2: whole copies of the touched layers and their moments during the edit (a no-op otherwise).
         with gathered([layer for name, layer in layers.items() if name in involved], optimizer):
             for name in plan.prune:
-                slot, moved_from = layers[name].prune_smallest()
+                rank_before = layers[name].rank
+                slot, moved_from = layers[name].prune_smallest(rotate=cfg.svd_prune)
                 touched.setdefault(name, []).append(slot)
-                if moved_from is None:
+                if cfg.svd_prune:  # every direction was rotated: its moments no longer match it, so all restart
+                    touched[name] = list(range(rank_before))
+                    resets[name] = list(range(rank_before))
+                    if cfg.adam_reset == "slot_age":  # and each restarts its own Adam bias correction
+                        layers[name].slot_birth = {s: step for s in range(rank_before - 1)}
+                elif moved_from is None:
                     resets.setdefault(name, []).append(slot)
                 else:  # the last active direction now fills the hole; its old slot is free (and zeroed by the move)
                     moves.append((layers[name], moved_from, slot))
@@ -350,9 +354,9 @@ class FlexLoRAModel(nn.Module):
         """Merge ΔW into every wrapped layer and return the plain base model (no adapter code needed to use it)."""
         layers = list(self.flexlora_layers())
         for _, layer in layers:  # refuse before touching anything: no half-merged model
-            layer.check_mergeable()
+            check_mergeable(layer)
         for name, layer in layers:
-            set_module(self.base_model, name, layer.merged_base_layer())
+            set_module(self.base_model, name, merged_base_layer(layer))
         self._names = []
         self._layer_cache = []
         return self.base_model
@@ -375,16 +379,9 @@ def _specialised_class(base_cls: Any) -> type:
 def get_flexlora_model(model: nn.Module, config: FlexLoRAConfig) -> FlexLoRAModel:
     """Wrap `model` with FlexLoRA adapters as described by `config`.
 
-    Freezes the base model, wraps every targeted linear layer in a `FlexLoRALayer` (r active directions, λ = 0 so the
-    output equals the base model's) and makes `modules_to_save` trainable (a classifier head is found automatically
-    for `*ForSequenceClassification` models).
-
-    Args:
-        model (`nn.Module`): a transformers model (or any module with linear layers).
-        config (`FlexLoRAConfig`): adapter and schedule configuration.
-
-    Returns:
-        `FlexLoRAModel`
+    Freezes the base model, wraps every targeted linear layer in a `FlexLoRALayer` (r active directions, ΔW = 0 so
+    the output equals the base model's) and makes `modules_to_save` trainable (a classifier head is found
+    automatically for `*ForSequenceClassification` models). Returns a `FlexLoRAModel`.
     """
     if isinstance(model, FlexLoRAModel):
         raise ValueError("get_flexlora_model: the model is already a FlexLoRAModel.")

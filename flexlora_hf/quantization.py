@@ -13,7 +13,7 @@ This module owns everything between a model id / folder and a base model that is
   weights that were already repacked. `FlexLoRAModel` applies it to every model it wraps, so a 4-bit model loaded by
   the user directly is covered too.
 
-Merging an adapter into a 4-bit base is refused (see `FlexLoRALayer.merged_base_layer`): merge into a full-precision
+Merging an adapter into a 4-bit base is refused (see `merging.merged_base_layer`): merge into a full-precision
 copy of the base instead.
 
 bitsandbytes is optional (`pip install flexlora_hf[quantization]`); this module imports it lazily.

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .config import SCHEDULES, is_integer
+from .choices import SCHEDULES, is_integer
 
 
 def _check_ints(caller: str, **values: Any) -> None:

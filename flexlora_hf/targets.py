@@ -117,7 +117,7 @@ def resolve_capacity(config: FlexLoRAConfig, name: str, d_in: int, d_out: int) -
         if config.allocation == "prune_only" or config.total_steps is None:
             cap = config.r
         else:
-            n_events = len(event_steps(delta_t=config.delta_t, **config.schedule_kwargs()))
+            n_events = len(event_steps(**config.grid_kwargs()))
             cap = config.r + n_events
     return max(config.r, min(int(cap), bound))
 

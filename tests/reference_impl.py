@@ -144,8 +144,10 @@ def ref_plan(
     min_rank: int,
     max_rank: int | Mapping[str, int],
     allocation: str = "bidirectional",
+    protected: tuple[str, ...] = (),
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Brute-force planner: repeatedly pick the lowest-(score, name) prunable and highest-(score, name) expandable.
+    """Brute-force planner: repeatedly pick the lowest-(score, name) prunable and highest-(score, name) expandable;
+    a pair moves only when the expanded matrix scores strictly higher; `protected` matrices are never pruned.
 
     Returns `(prune, expand)`.
     """
@@ -159,7 +161,7 @@ def ref_plan(
     def lowest_prunable(excluded: list[str]) -> str | None:
         best = None
         for name in scores:
-            if name in excluded or ranks[name] <= min_rank:
+            if name in excluded or ranks[name] <= min_rank or name in protected:
                 continue
             if best is None or key(name) < key(best):
                 best = name
@@ -176,6 +178,8 @@ def ref_plan(
 
     prune: list[str] = []
     expand: list[str] = []
+    if allocation != "bidirectional" and len(set(scores.values())) <= 1:
+        return (), ()  # all scores equal: nothing to choose by
     if allocation == "prune_only":
         while len(prune) < b:
             p = lowest_prunable(prune)
@@ -195,7 +199,7 @@ def ref_plan(
         e = highest_expandable(expand)
         if p is None or e is None:
             break
-        if key(p) >= key(e):  # the two ends meet: never prune to feed an equal or less important matrix
+        if scores[p] >= scores[e]:  # never prune to feed an equally or less important matrix
             break
         prune.append(p)
         expand.append(e)

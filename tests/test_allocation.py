@@ -36,12 +36,15 @@ def problems(draw, allocation: str | None = None):
     ranks = {name: draw(st.integers(min_value=min_rank, max_value=caps[name])) for name in names}
     b = draw(st.integers(min_value=0, max_value=8))
     alloc = allocation or draw(st.sampled_from(ALLOCATIONS))
-    return dict(scores=scores, ranks=ranks, b=b, min_rank=min_rank, max_rank=max_rank, allocation=alloc), caps
+    protected = tuple(name for name in names if draw(st.integers(0, 3)) == 0)  # about a quarter in their grace period
+    problem = dict(scores=scores, ranks=ranks, b=b, min_rank=min_rank, max_rank=max_rank, allocation=alloc)
+    return {**problem, "protected": protected}, caps
 
 
 def _plan(p: dict) -> ReallocationPlan:
     return plan_reallocation(
-        p["scores"], p["ranks"], p["b"], min_rank=p["min_rank"], max_rank=p["max_rank"], allocation=p["allocation"]
+        p["scores"], p["ranks"], p["b"], min_rank=p["min_rank"], max_rank=p["max_rank"], allocation=p["allocation"],
+        protected=p["protected"],
     )
 
 
@@ -121,7 +124,8 @@ def test_matches_reference_planner(problem) -> None:
     p, _ = problem
     plan = _plan(p)
     prune, expand = ref_plan(
-        p["scores"], p["ranks"], p["b"], min_rank=p["min_rank"], max_rank=p["max_rank"], allocation=p["allocation"]
+        p["scores"], p["ranks"], p["b"], min_rank=p["min_rank"], max_rank=p["max_rank"], allocation=p["allocation"],
+        protected=p["protected"],
     )
     assert plan.prune == prune
     assert plan.expand == expand
@@ -136,13 +140,15 @@ def test_bidirectional_is_maximal(problem) -> None:
     if len(plan.prune) == p["b"]:
         return
     after = _apply(p["ranks"], plan)
-    rest_p = [n for n in p["scores"] if n not in plan.prune and p["ranks"][n] > p["min_rank"]]
+    rest_p = [
+        n for n in p["scores"] if n not in plan.prune and p["ranks"][n] > p["min_rank"] and n not in p["protected"]
+    ]
     rest_e = [n for n in p["scores"] if n not in plan.expand and p["ranks"][n] < caps[n]]
     key = {n: (p["scores"][n], n) for n in p["scores"]}
     if rest_p and rest_e:
         lo = min(rest_p, key=key.__getitem__)
         hi = max(rest_e, key=key.__getitem__)
-        assert key[lo] >= key[hi] or lo in plan.expand or hi in plan.prune
+        assert p["scores"][lo] >= p["scores"][hi] or lo in plan.expand or hi in plan.prune
     assert all(p["min_rank"] <= after[n] <= caps[n] for n in after)
 
 
@@ -181,11 +187,13 @@ def test_rank_floor_and_cap_respected() -> None:
     assert plan.expand == ("a",)
 
 
-def test_ties_break_by_name() -> None:
-    scores = {"z": 0.5, "y": 0.5, "x": 0.5, "w": 0.5}
+def test_ties_break_by_name_and_equal_scores_never_trade() -> None:
+    scores = {"z": 0.9, "y": 0.5, "x": 0.5, "w": 0.1, "v": 0.1}
     plan = plan_reallocation(scores, dict.fromkeys(scores, 3), 2, min_rank=1, max_rank=5)
-    assert plan.prune == ("w", "x")
-    assert plan.expand == ("z", "y")
+    assert plan.prune == ("v", "w")  # equal lowest scores: by name
+    assert plan.expand == ("z", "y")  # equal second-highest: y before x (descending by name)
+    flat = plan_reallocation(dict.fromkeys("abcd", 0.5), dict.fromkeys("abcd", 3), 2, min_rank=1, max_rank=5)
+    assert not flat  # no information: nothing moves (where the name order would have moved two units)
 
 
 def test_prune_only_and_expand_only() -> None:
@@ -257,3 +265,23 @@ def test_budget_beyond_the_modules_is_clamped() -> None:
 def test_non_integer_budget_rejected(bad) -> None:
     with pytest.raises(ValueError, match=r"budget b=.* must be an integer"):
         plan_reallocation(SCORES, RANKS, bad, min_rank=1, max_rank=8)
+
+
+@SETTINGS
+@given(problem=problems())
+def test_protected_matrices_are_never_pruned_and_moves_follow_strict_importance(problem) -> None:
+    p, _ = problem
+    plan = _plan(p)
+    assert not set(plan.prune) & set(p["protected"])
+    if p["allocation"] == "bidirectional":
+        for pruned, grown in zip(plan.prune, plan.expand, strict=True):
+            assert p["scores"][pruned] < p["scores"][grown]
+
+
+@SETTINGS
+@given(problem=problems(), value=st.sampled_from([0.0, 0.5, 1.0]))
+def test_scores_without_information_move_nothing(problem, value) -> None:
+    # all 0 (e.g. P = 0 at an early event) or all equal: no tie-break by module name may move rank
+    p, _ = problem
+    plan = _plan({**p, "scores": dict.fromkeys(p["scores"], value)})
+    assert not plan

@@ -165,10 +165,12 @@ def test_budget_that_can_never_move_raises() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "field", "fix"),
     [
-        (dict(delta_t=100.0), "delta_t", "Write delta_t=100"),
+        (dict(delta_t=100.5), "delta_t", "fraction of the run"),
+        (dict(delta_t=0), "delta_t", ">= 1"),
         (dict(total_steps=1000.0), "total_steps", "Write total_steps=1000"),
-        (dict(t_warmup=True), "t_warmup", "integer"),
-        (dict(t_final="500"), "t_final", "integer"),
+        (dict(t_warmup=True), "t_warmup", "fraction of the run"),
+        (dict(t_final="500"), "t_final", "fraction of the run"),
+        (dict(t_final=-0.1), "t_final", "fraction of the run"),
         (dict(b0=2.5), "b0", "integer"),
         (dict(r=8.0), "r", "Write r=8"),
         (dict(min_rank=1.0), "min_rank", "Write min_rank=1"),
@@ -193,9 +195,34 @@ def test_wrong_types_name_the_field_and_the_fix(kwargs: dict, field: str, fix: s
 
 def test_json_with_wrong_types_is_refused() -> None:
     data = FlexLoRAConfig().to_dict()
-    data["delta_t"] = 100.0  # what a hand-edited or re-serialised JSON file may hold
-    with pytest.raises(ValueError, match=r"delta_t=100\.0 must be an integer.*Write delta_t=100"):
+    data["delta_t"] = 100.5  # what a hand-edited JSON file may hold: neither a step count nor a fraction
+    with pytest.raises(ValueError, match=r"delta_t=100\.5 must be an integer number of optimizer steps"):
         FlexLoRAConfig.from_dict(json.loads(json.dumps(data)))
+    data["delta_t"] = 100.0  # what `--delta_t 100` parses to (the field is typed float for fractions): 100 steps
+    assert FlexLoRAConfig.from_dict(data).delta_t == 100 and type(FlexLoRAConfig.from_dict(data).delta_t) is int
+
+
+def test_schedule_lengths_accept_fractions_of_the_run() -> None:
+    # the paper's LLaMA3-8B recipe, as fractions: T_warmup = T_final = 5000 and Δ_T 1000 over ~32k steps
+    cfg = FlexLoRAConfig(t_warmup=0.15, t_final=0.15, delta_t=0.03, total_steps=32000)
+    assert cfg.steps() == {"t_warmup": 4800, "t_final": 4800, "delta_t": 960}
+    assert cfg.grid_kwargs()["delta_t"] == 960 and cfg.schedule_kwargs()["t_warmup"] == 4800
+    assert FlexLoRAConfig.from_dict(cfg.to_dict()).t_warmup == 0.15  # saved as given, resolved per run
+    with pytest.raises(ValueError, match="total_steps is unset"):
+        FlexLoRAConfig(t_warmup=0.1).steps()
+    with pytest.raises(ValueError, match="no reallocation can happen"):
+        FlexLoRAConfig(t_warmup=0.6, t_final=0.5, total_steps=100)
+    tiny = FlexLoRAConfig(t_warmup=0.1, t_final=0.1, delta_t=0.001, total_steps=50)
+    assert tiny.steps() == {"t_warmup": 5, "t_final": 5, "delta_t": 1}  # a fraction never rounds Δ_T to 0
+
+
+def test_schedule_fractions_parse_from_the_command_line() -> None:
+    from transformers import HfArgumentParser
+
+    (cfg,) = HfArgumentParser(FlexLoRAConfig).parse_args_into_dataclasses(
+        ["--t_warmup", "0.1", "--t_final", "200", "--delta_t", "0.05"]
+    )
+    assert (cfg.t_warmup, cfg.t_final, cfg.delta_t) == (0.1, 200, 0.05) and type(cfg.t_final) is int
 
 
 def test_numpy_integers_become_python_ints() -> None:

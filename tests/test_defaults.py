@@ -85,18 +85,19 @@ def test_lora_like_expansion_is_zero_impact_and_orthogonal_to_a_trained_P() -> N
 
 
 def test_lora_like_prunes_the_smallest_direction_not_the_smallest_lambda() -> None:
-    """Under lora_like λ is not yet a singular value: the pruned direction is the one of smallest |λ|·||p||·||q||."""
+    """svd_prune=False: under lora_like λ is not yet a singular value, the pruned direction is the one of smallest
+    |λ|·||p||·||q|| (the rotated default is tested in test_spectrum.py)."""
     layer = _layer("lora_like")
     with torch.no_grad():
         layer.lora_P[:, :4] = torch.linalg.qr(torch.randn(40, 4))[0] * torch.tensor([1.0, 0.9, 0.05, 0.8])  # (out, r)
         layer.lora_lam[:4] = torch.tensor([0.5, 0.3, 2.0, 0.6])  # smallest |λ| is slot 1; smallest size is slot 2
     torch.testing.assert_close(layer.direction_sizes()[:4], torch.tensor([0.5, 0.27, 0.1, 0.48]), atol=1e-5, rtol=0)
-    removed, _ = layer.prune_smallest()
+    removed, _ = layer.prune_smallest(rotate=False)
     assert removed == 2
     orthonormal = _layer("orthonormal")
     with torch.no_grad():
         orthonormal.lora_lam[:4] = torch.tensor([0.5, 0.3, 2.0, 0.6])
-    assert orthonormal.prune_smallest()[0] == 1  # the paper's rule: smallest |λ|
+    assert orthonormal.prune_smallest(rotate=False)[0] == 1  # the paper's rule: smallest |λ|
 
 
 def test_default_config_is_the_lora_like_start_at_the_papers_single_rate() -> None:

@@ -12,11 +12,11 @@ from transformers.optimization import Adafactor
 
 from flexlora_hf.allocation import ReallocationPlan, plan_reallocation
 from flexlora_hf.config import FlexLoRAConfig
-from flexlora_hf.importance import importance
 from flexlora_hf.layer import FlexLoRALayer
 from flexlora_hf.model import FlexLoRAModel, expansion_generator, get_flexlora_model
 from flexlora_hf.optim_surgery import UnsupportedOptimizerError, check_optimizer_supported, reset_slots
 from flexlora_hf.schedule import event_steps
+from flexlora_hf.scoring import importance
 
 # ------------------------------------------------------------------------------------------------ tiny models
 BUILDERS = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}
@@ -90,11 +90,15 @@ def test_prune_zero_lambda_keeps_output(arch: str) -> None:
             layer.lora_lam[2] = 0.0
     before = logits(model)
     assert not torch.allclose(before, logits(ref), atol=1e-4)  # λ really changed the model
+    rotated = copy.deepcopy(model)
     for _, layer in model.flexlora_layers():
-        assert layer.prune_smallest() == (2, 3)  # slot 2 removed, the last active direction (slot 3) moved in
+        assert layer.prune_smallest(rotate=False) == (2, 3)  # slot 2 removed, the last one (slot 3) moved in
         assert layer.rank == 3
     # equal up to float reassociation (the matmuls now run over 3 directions, not 4); the λ of 20 makes logits large
     torch.testing.assert_close(logits(model), before, rtol=1e-5, atol=1e-5)
+    for _, layer in rotated.flexlora_layers():
+        assert layer.prune_smallest() == (3, None)  # rotated onto ΔW's SVD first: its zero direction is the last
+    torch.testing.assert_close(logits(rotated), before, rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ layer surgery
@@ -110,11 +114,11 @@ def test_prune_smallest_uses_magnitude() -> None:
     with torch.no_grad():
         layer.lora_lam[:4] = torch.tensor([0.5, -10.0, 0.2, 3.0])
     # a signed argmin would pick slot 1 (λ = -10), the largest direction
-    assert layer.prune_smallest() == (2, 3)  # 0.2 goes; 3.0 moves from the last slot into the hole
+    assert layer.prune_smallest(rotate=False) == (2, 3)  # 0.2 goes; 3.0 moves from the last slot into the hole
     assert layer.active_slots().tolist() == [0, 1, 2]
     assert layer.lora_lam.detach()[:3].tolist() == [0.5, -10.0, 3.0]
-    assert layer.prune_smallest() == (0, 2)  # 0.5 goes; 3.0 moves again
-    assert layer.prune_smallest() == (0, 1)  # 3.0 goes; -10 moves into slot 0
+    assert layer.prune_smallest(rotate=False) == (0, 2)  # 0.5 goes; 3.0 moves again
+    assert layer.prune_smallest(rotate=False) == (0, 1)  # 3.0 goes; -10 moves into slot 0
     assert layer.active_slots().tolist() == [0]
     assert float(layer.lora_lam.detach()[0]) == -10.0
 
@@ -123,11 +127,11 @@ def test_prune_ties_take_lowest_slot_and_empty_raises() -> None:
     layer = _layer(r=2, capacity=2)
     with torch.no_grad():
         layer.lora_lam.copy_(torch.tensor([-1.0, 1.0]))
-    assert layer.prune_smallest() == (0, 1)  # tie: the lowest slot goes, slot 1 moves in
+    assert layer.prune_smallest(rotate=False) == (0, 1)  # tie: the lowest slot goes, slot 1 moves in
     assert float(layer.lora_lam.detach()[0]) == 1.0
-    assert layer.prune_smallest() == (0, None)  # the last active direction: nothing to move
+    assert layer.prune_smallest(rotate=False) == (0, None)  # the last active direction: nothing to move
     with pytest.raises(RuntimeError, match="no active direction"):
-        layer.prune_smallest()
+        layer.prune_smallest(rotate=False)
 
 
 def test_pruned_slot_is_exactly_zero() -> None:
@@ -135,7 +139,7 @@ def test_pruned_slot_is_exactly_zero() -> None:
     with torch.no_grad():
         layer.lora_lam[:4] = torch.tensor([0.3, 0.1, 0.7, -0.9])
     P_last, Q_last = layer.lora_P.detach()[:, 3].clone(), layer.lora_Q.detach()[3].clone()
-    slot, moved_from = layer.prune_smallest()
+    slot, moved_from = layer.prune_smallest(rotate=False)
     assert (slot, moved_from) == (1, 3)
     assert float(layer.lora_lam.detach()[1]) == pytest.approx(-0.9)  # the moved direction, intact
     assert torch.equal(layer.lora_P.detach()[:, 1], P_last) and torch.equal(layer.lora_Q.detach()[1], Q_last)
@@ -152,7 +156,7 @@ def test_expand_fills_first_free_slot_and_respects_capacity() -> None:
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         layer.lora_lam[:4] = torch.tensor([0.3, 0.1, 0.7, -0.9])
-    assert layer.prune_smallest() == (1, 3)
+    assert layer.prune_smallest(rotate=False) == (1, 3)
     assert layer.expand(g) == 3  # the first free slot after the active prefix
     assert layer.expand(g) == 4
     assert layer.expand(g) == 5
@@ -245,7 +249,7 @@ def test_orth_reg_equals_eq2_on_compact() -> None:
     with torch.no_grad():
         layer.lora_P.mul_(20.0)
         layer.lora_lam[:5] = torch.tensor([1.0, 0.1, 2.0, -3.0, 0.5])
-    layer.prune_smallest()  # slot 1 inactive: the compacted matrices skip it
+    layer.prune_smallest(rotate=False)  # slot 1 inactive: the compacted matrices skip it
     c = layer.compact()
     P, Q = c["P"].double(), c["Q"].double()  # (out, r), (r, in)
     r = P.shape[1]
@@ -474,7 +478,8 @@ SLOT_DIM = {"lora_P": 1, "lora_lam": 0, "lora_Q": 0}
 
 @pytest.mark.parametrize("variant", [dict(foreach=False), dict(foreach=True), dict(fused=True)])
 def test_apply_plan_resets_only_touched_moments(variant: dict) -> None:
-    model, _ = wrap("llama", r=4, max_rank=6)
+    # the in-place prune (svd_prune=False): moments follow the moved direction; the rotated prune: test_spectrum.py
+    model, _ = wrap("llama", r=4, max_rank=6, svd_prune=False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01, **variant)
     check_optimizer_supported(opt)

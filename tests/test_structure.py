@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +196,23 @@ def test_every_public_name_imports() -> None:
     for name in [*flexlora_hf.__all__, "FlexLoRALM", "evaluate_adapter", "results_table", "prepare_bigbench_eval_data"]:
         assert getattr(flexlora_hf, name) is not None, name
     assert flexlora_hf.__version__
+
+
+def test_every_export_is_what_it_names_even_after_every_submodule_is_imported() -> None:
+    # A submodule named like an exported function (e.g. `importance`) would replace it once imported.
+    import inspect
+    import pkgutil
+
+    import flexlora_hf
+
+    for info in pkgutil.walk_packages(flexlora_hf.__path__, "flexlora_hf."):
+        if not info.name.startswith(("flexlora_hf.tasks", "flexlora_hf.data")):
+            importlib.import_module(info.name)
+    for name in flexlora_hf.__all__:
+        value = getattr(flexlora_hf, name)
+        assert not inspect.ismodule(value), f"flexlora_hf.{name} is a module"
+        assert inspect.isclass(value) or inspect.isfunction(value), (name, type(value))
+        assert value.__name__ == name, (name, value.__name__)
 
 
 def test_no_package_module_over_400_lines() -> None:

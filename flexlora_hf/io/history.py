@@ -29,6 +29,13 @@ def write_rank_history(model: FlexLoRAModel, output_dir: str) -> None:
     """
     os.makedirs(output_dir, exist_ok=True)
     write_json(os.path.join(output_dir, RANK_HISTORY_NAME), list(model.rank_history))
+    if model.rank_history and "motion" in model.rank_history[-1]:
+        motion = model.rank_history[-1]["motion"]
+        logger.info(
+            "FlexLoRA moved %d of %d rank units (%.1f%%) over %d events; %.0f%% of expansions were pruned at the next.",
+            motion["moved"], model.total_rank(), 100 * motion["moved_share"], len(model.rank_history),
+            100 * motion["churn"],
+        )
     try:
         from ..plotting import plot_rank_history
 

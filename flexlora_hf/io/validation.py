@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from ..config import is_integer
+from ..choices import is_integer
 from ..constants import FLEXLORA_WEIGHTS_NAME, MODULES_TO_SAVE_PREFIX, RANK_MAP_NAME
 
 COMPACT_FIELDS = ("P", "lam", "Q", "slots")

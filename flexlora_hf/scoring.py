@@ -1,5 +1,8 @@
 """Matrix-level importance scores (pure functions on singular values; no nn.Module, no Trainer).
 
+The inputs are each matrix's real singular values, those of its active ΔW (`spectrum.factored_singular_values`,
+via `FlexLoRALayer.spectrum`), never raw λ: λ equals the spectrum only when P and Q are orthonormal.
+
 Owns eq. 3 (normalised spectral entropy), the norm baselines of eq. 7 (Table 4) and the energy-weighted entropy
 variants of App. G (eqs. 10-11). Every metric works on the *active* singular values of one matrix; the batched form
 scores all matrices of a model in one vectorised call (a padded (M, R) tensor plus an active mask) so a reallocation
@@ -13,7 +16,7 @@ Degenerate cases (the paper's formula is 0/0 there; the authors' code returns Na
   stays at rank 1 (it still trains). The authors' NaN instead made every rank-1 matrix grow at the next event.
 * **all active λ = 0** (e.g. right after initialisation, before λ has trained): no spectral information, score **0**.
 
-We use |λ| wherever a metric needs a magnitude: λ is a trained signed scalar here, while singular values are >= 0.
+Magnitudes are taken as |x|, so signed λ (the paper's notation, and the tests' inputs) score as their spectrum would.
 """
 
 from __future__ import annotations
