@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 IMPORTANCE_METRICS = ("entropy", "nuclear", "frobenius", "elem_energy_entropy", "mat_energy_entropy")
+CONTROL_METRICS = ("random",)  # not a metric: the control that says what chance gives (scoring.random_scores)
 ALLOCATIONS = ("bidirectional", "prune_only", "expand_only")
 EXPANSION_INITS = ("zero_impact", "small", "zero", "orthogonal")
 SCHEDULES = ("paper", "window", "constant")

@@ -19,6 +19,7 @@ from typing import Any
 from .choices import (  # noqa: F401 -- also re-exported: their historical home
     ADAM_RESETS,
     ALLOCATIONS,
+    CONTROL_METRICS,
     EXPANSION_INITS,
     IMPORTANCE_METRICS,
     INIT_BASES,
@@ -117,7 +118,10 @@ class FlexLoRAConfig:
     )
     importance: str = field(
         default="entropy",
-        metadata={"help": f"Importance metric: one of {', '.join(IMPORTANCE_METRICS)} (eq. 3; Table 4; App. G)."},
+        metadata={
+            "help": f"Importance metric: one of {', '.join(IMPORTANCE_METRICS)} (eq. 3; Table 4; App. G), of each "
+            "matrix's real ΔW spectrum; 'random' is a control (uniform scores drawn per event, same budget)."
+        },
     )
     allocation: str = field(
         default="bidirectional",
@@ -242,7 +246,7 @@ class FlexLoRAConfig:
                 raise ValueError(f"FlexLoRAConfig.max_rank key {key!r} must be a module path (a string).")
             if cap is not None or key:
                 _check_integer(f"max_rank[{key!r}]" if key else "max_rank", cap, self.r, "or None to derive it")
-        _check_choice("importance", self.importance, IMPORTANCE_METRICS)
+        _check_choice("importance", self.importance, IMPORTANCE_METRICS + CONTROL_METRICS)
         _check_choice("allocation", self.allocation, ALLOCATIONS)
         _check_choice("expansion_init", self.expansion_init, EXPANSION_INITS)
         _check_choice("schedule", self.schedule, SCHEDULES)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .allocation import ReallocationPlan, plan_reallocation
 from .config import FlexLoRAConfig
 from .schedule import budget_at, event_steps, is_event_step
+from .scoring import random_scores
 
 if TYPE_CHECKING:
     from .model import FlexLoRAModel
@@ -34,7 +35,10 @@ def run_event(model: FlexLoRAModel, b: int, step: int, optimizer: Any = None) ->
         optimizer (*optional*): the training optimizer; the moments of touched slots are reset in place.
     """
     cfg = model.flexlora_config
-    scores = model.importance_scores()
+    if cfg.importance == "random":  # the control: chance instead of the spectrum
+        scores = random_scores(model.module_names, cfg.seed, step)
+    else:
+        scores = model.importance_scores()
     protected = recently_expanded(model.rank_history, cfg.grace_events)
     plan = plan_reallocation(
         scores,

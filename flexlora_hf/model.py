@@ -140,7 +140,8 @@ class FlexLoRAModel(nn.Module):
         ranks = torch.tensor([la.rank for _, la in layers], device=dev)  # (M,)
         mask = torch.arange(R, device=dev)[None, :] < ranks[:, None]  # (M, R): active prefixes
         cfg = self.flexlora_config
-        scores = importance_batched(sigma, mask, metric=metric or cfg.importance, eps=cfg.entropy_eps)  # (M,)
+        metric = metric or (cfg.importance if cfg.importance != "random" else "entropy")  # a control has no metric
+        scores = importance_batched(sigma, mask, metric=metric, eps=cfg.entropy_eps)  # (M,)
         values = scores.tolist()  # one host sync for all modules
         return {name: float(v) for (name, _), v in zip(layers, values, strict=True)}
 

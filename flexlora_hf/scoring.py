@@ -107,6 +107,14 @@ def importance(lam: torch.Tensor, *, metric: str = "entropy", eps: float = 1e-12
     return float(importance_batched(lam, metric=metric, eps=eps)[0])
 
 
+def random_scores(names: list[str], seed: int, step: int) -> dict[str, float]:
+    """The `importance="random"` control: uniform scores in [0, 1) drawn from (seed, step), the same on every
+    process, so an event moves as many units as b(t) allows but chooses the matrices by chance."""
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step) + 17) % (2**63 - 1))
+    values = torch.rand(len(names), generator=g, dtype=torch.float64).tolist()
+    return dict(zip(names, values, strict=True))
+
+
 def max_entropy(r: int) -> float:
     """Unnormalised maximum of the spectral entropy, log r (App. B)."""
     return math.log(r) if r > 1 else 0.0

@@ -209,3 +209,16 @@ def test_a_matrix_that_just_grew_is_not_the_next_prune_target() -> None:
     third = run_event(paper, b=1, step=30)
     assert third["prune"] == ["flat8"]  # the churn the grace period prevents
     assert third["motion"]["churn"] == 1.0 and second["motion"]["churn"] == 0.0
+
+
+def test_random_control_moves_the_budget_by_chance_reproducibly() -> None:
+    def event(seed: int, step: int) -> dict:
+        cfg = FlexLoRAConfig(r=4, b0=2, target_modules=list(NAMES), total_steps=100, t_warmup=10, t_final=10,
+                             delta_t=10, importance="random", seed=seed)
+        return run_event(get_flexlora_model(FourMaps(), cfg), b=2, step=step)
+
+    a, b = event(0, 20), event(0, 20)
+    assert a["scores"] == b["scores"] and a["prune"] == b["prune"]  # same seed and step: same draw
+    assert len(a["prune"]) == len(a["expand"]) == 2  # ΔW = 0 here, yet the control moves the whole budget
+    draws = {tuple(event(seed, step)["prune"]) for seed in range(3) for step in (20, 30)}
+    assert len(draws) > 1
