@@ -4,8 +4,11 @@
 This script owns the causal-LM example. It follows transformers' ``examples/pytorch/language-modeling/run_clm.py``
 (``ModelArguments`` / ``DataTrainingArguments`` + ``TrainingArguments`` through ``HfArgumentParser``, or one
 ``.json`` file holding all of them): texts are tokenized, concatenated and cut into ``--block_size`` blocks, and
-the evaluation loss is reported as perplexity. The lines that add FlexLoRA are marked ``# FlexLoRA:``; apply the
-same few lines to your own copy of a transformers example.
+the evaluation loss is reported as perplexity, next to the next-token accuracy computed by ``evaluate``. The lines
+that add FlexLoRA are marked ``# FlexLoRA:``; apply the same few lines to your own copy of a transformers example.
+Lines marked ``# flexlora_hf extra:`` are not needed for FlexLoRA itself (the metric module is loaded from
+``examples/metrics`` rather than the Hub). ``--push_to_hub`` uploads the adapter folder with its FlexLoRA card;
+without it the card is written to ``--output_dir``.
 
 Data, one of:
   * ``--dataset_name ... [--dataset_config_name ...]`` -- a Hub dataset with a text column (needs the Hub);
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 
 import datasets
+import evaluate
 import torch
 import transformers
 from datasets import load_dataset
@@ -53,6 +57,9 @@ from flexlora_hf import FlexLoRATrainer  # FlexLoRA: the Trainer that reallocate
 from flexlora_hf.arguments import FlexLoRAArguments  # FlexLoRA: --r, --b0, --t_warmup, ... flags
 
 logger = logging.getLogger(__name__)
+
+# flexlora_hf extra: local copies of the Hub's metric modules, loaded by path (a Hub name downloads their code)
+METRICS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics")
 
 
 @dataclass
@@ -268,6 +275,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if len(eval_dataset) == 0:
             raise ValueError(f"The validation data is shorter than one block of {block_size} tokens.")
 
+    compute_metrics = preprocess_logits_for_metrics = None
+    if training_args.do_eval:
+
+        def preprocess_logits_for_metrics(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            if isinstance(logits, tuple):
+                logits = logits[0]  # extra outputs (past key values) are not needed
+            return logits.argmax(dim=-1)
+
+        # flexlora_hf extra: the local accuracy module (the transformers example loads "accuracy" from the Hub)
+        metric = evaluate.load(os.path.join(METRICS_DIR, "accuracy"), cache_dir=model_args.cache_dir)
+
+        def compute_metrics(eval_preds: tuple) -> dict[str, float]:
+            preds, labels = eval_preds
+            # the prediction at position i is for token i + 1 (the model shifts the labels inside)
+            labels = labels[:, 1:].reshape(-1)
+            preds = preds[:, :-1].reshape(-1)
+            return metric.compute(predictions=preds, references=labels)
+
     flexlora_config = flexlora_args.to_flexlora_config(seed=training_args.seed)  # FlexLoRA: build the config
     trainer = FlexLoRATrainer(  # FlexLoRA: was Trainer
         model=model,
@@ -276,6 +301,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         data_collator=default_data_collator,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         flexlora_config=flexlora_config,  # FlexLoRA: adapter shape and reallocation schedule
     )
 
@@ -305,6 +332,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             metrics["perplexity"] = float("inf")
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+
+    kwargs = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-generation"}
+    if data_args.dataset_name is not None:
+        kwargs["dataset_tags"] = data_args.dataset_name
+        if data_args.dataset_config_name is not None:
+            kwargs["dataset_args"] = data_args.dataset_config_name
+            kwargs["dataset"] = f"{data_args.dataset_name} {data_args.dataset_config_name}"
+        else:
+            kwargs["dataset"] = data_args.dataset_name
+
+    # FlexLoRA: both write the FlexLoRA card (rank map, heatmap, base_model); push_to_hub uploads the adapter folder
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**kwargs)
+    else:
+        trainer.create_model_card(**kwargs)
     return metrics
 
 

@@ -5,7 +5,8 @@ This script owns the text-classification example. It follows transformers' ``exa
 run_glue.py`` (``ModelArguments`` / ``DataTrainingArguments`` + ``TrainingArguments`` through ``HfArgumentParser``,
 or one ``.json`` file holding all of them). The lines that add FlexLoRA are marked ``# FlexLoRA:``; apply the same
 few lines to your own copy of a transformers example. Lines marked ``# flexlora_hf extra:`` add things that are not
-needed for FlexLoRA itself (offline BIG-bench data, local metrics that do not need the Hub).
+needed for FlexLoRA itself (offline BIG-bench data, the metric modules loaded from ``examples/metrics`` rather than
+the Hub).
 
 Data, one of:
   * ``--task_name cola`` (any GLUE task) -- ``datasets.load_dataset("nyu-mll/glue", task)``, needs the Hub;
@@ -24,6 +25,10 @@ Example (offline, real model and data)::
         --target_modules query,key,value,attention.output.dense,intermediate.dense,output.dense \\
         --t_warmup 30 --t_final 30 --delta_t 7 --output_dir outputs/glue_minilm
 
+Metrics are computed by ``evaluate`` as in the transformers example (``glue`` for a GLUE task, ``accuracy``, ``mse``),
+from the local modules in ``examples/metrics``. ``--push_to_hub`` uploads the adapter folder (native and PEFT views)
+with its FlexLoRA card; without it the card is written to ``--output_dir``.
+
 The paper's GLUE recipes (DeBERTaV3-base, Table 8) are in ``examples/glue_recipes/``.
 """
 
@@ -39,6 +44,7 @@ import sys
 from dataclasses import dataclass, field
 
 import datasets
+import evaluate
 import numpy as np
 import transformers
 from datasets import ClassLabel, load_dataset
@@ -47,6 +53,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
+    EvalPrediction,
     HfArgumentParser,
     TrainingArguments,
     default_data_collator,
@@ -55,9 +62,12 @@ from transformers import (
 
 from flexlora_hf import FlexLoRATrainer  # FlexLoRA: the Trainer that reallocates ranks
 from flexlora_hf.arguments import FlexLoRAArguments  # FlexLoRA: --r, --b0, --t_warmup, ... flags
-from flexlora_hf.data.metrics import compute_metrics_for_task, normalize_glue_task  # flexlora_hf extra: no Hub needed
+from flexlora_hf.data.metrics import normalize_glue_task  # flexlora_hf extra: GLUE task aliases (sst-2, mnli-m)
 
 logger = logging.getLogger(__name__)
+
+# flexlora_hf extra: local copies of the Hub's metric modules, loaded by path (a Hub name downloads their code)
+METRICS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics")
 
 task_to_keys = {
     "cola": ("sentence", None),
@@ -369,13 +379,38 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         pad_to = 8 if (training_args.fp16 or training_args.bf16) else None
         data_collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to)
 
+    # Metrics, as the transformers example computes them (glue / mse / accuracy) from the local modules. flexlora_hf
+    # extra: macro-F1 next to accuracy, and Pearson / Spearman next to MSE, for tasks that are not GLUE.
+    def load_metric(name: str, config_name: str | None = None) -> evaluate.EvaluationModule:
+        return evaluate.load(os.path.join(METRICS_DIR, name), config_name, cache_dir=model_args.cache_dir)
+
+    extra_metrics: list[tuple[str, evaluate.EvaluationModule, dict]] = []
+    if task_name is not None:
+        metric = load_metric("glue", task_name)
+    elif is_regression:
+        metric = load_metric("glue", "stsb")  # Pearson and Spearman correlations
+        extra_metrics.append(("mse", load_metric("mse"), {}))
+    else:
+        metric = load_metric("accuracy")
+        extra_metrics.append(("macro_f1", load_metric("f1"), {"average": "macro"}))
+
+    def compute_metrics(p: EvalPrediction) -> dict[str, float]:
+        preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
+        preds = np.atleast_1d(np.squeeze(preds)) if is_regression else np.argmax(preds, axis=1)
+        result = metric.compute(predictions=preds, references=p.label_ids)
+        if len(result) > 1:
+            result["combined_score"] = np.mean(list(result.values())).item()
+        for key, module, kwargs in extra_metrics:
+            result[key] = next(iter(module.compute(predictions=preds, references=p.label_ids, **kwargs).values()))
+        return result
+
     flexlora_config = flexlora_args.to_flexlora_config(seed=training_args.seed)  # FlexLoRA: build the config
     trainer = FlexLoRATrainer(  # FlexLoRA: was Trainer
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        compute_metrics=compute_metrics_for_task(task_name, is_regression=is_regression),
+        compute_metrics=compute_metrics,
         processing_class=tokenizer,
         data_collator=data_collator,
         flexlora_config=flexlora_config,  # FlexLoRA: adapter shape and reallocation schedule
@@ -430,6 +465,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     value = f"{item:.3f}" if is_regression else (label_list[item] if label_list else item)
                     writer.write(f"{index}\t{value}\n")
             logger.info(f"Predictions written to {output_file}")
+
+    kwargs = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-classification"}
+    if data_args.task_name is not None:
+        kwargs["language"] = "en"
+        kwargs["dataset_tags"] = "glue"
+        kwargs["dataset_args"] = data_args.task_name
+        kwargs["dataset"] = f"GLUE {data_args.task_name.upper()}"
+
+    # FlexLoRA: both write the FlexLoRA card (rank map, heatmap, base_model); push_to_hub uploads the adapter folder
+    if training_args.push_to_hub:
+        trainer.push_to_hub(**kwargs)
+    else:
+        trainer.create_model_card(**kwargs)
 
     return eval_metrics
 

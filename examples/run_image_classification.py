@@ -5,14 +5,15 @@ This script owns the image-classification example. It follows transformers' ``ex
 run_image_classification.py`` (``ModelArguments`` / ``DataTrainingArguments`` + ``TrainingArguments`` through
 ``HfArgumentParser``, or one ``.json`` file holding all of them). The lines that add FlexLoRA are marked
 ``# FlexLoRA:``; apply the same few lines to your own copy of the transformers example. Lines marked
-``# flexlora_hf extra:`` are conveniences that FlexLoRA does not need (VTAB-1k folders, local accuracy).
+``# flexlora_hf extra:`` are conveniences that FlexLoRA does not need (VTAB-1k folders, the offline metric module).
 
 Differences from the transformers example, and why:
 
 * no torchvision: images go through the model's own image processor (resize, rescale, normalise; transformers uses
   its PIL backend when torchvision is missing). There is no random augmentation, which is also the VTAB-1k
   protocol of the parameter-efficient fine-tuning literature (resize to the model's input size, normalise);
-* accuracy is computed with numpy (``evaluate.load("accuracy")`` needs the Hub);
+* accuracy is computed by ``evaluate`` as in the transformers example, from the local module
+  ``examples/metrics/accuracy`` (``evaluate.load("accuracy")`` downloads the module's code from the Hub);
 * ``remove_unused_columns`` is switched off (the transform needs the raw image column; the transformers example
   asks you to pass ``--remove_unused_columns False``).
 
@@ -53,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
+import evaluate
 import numpy as np
 import torch
 import transformers
@@ -70,6 +72,9 @@ from flexlora_hf import FlexLoRATrainer  # FlexLoRA: the Trainer that reallocate
 from flexlora_hf.arguments import FlexLoRAArguments  # FlexLoRA: --r, --b0, --t_warmup, ... flags
 
 logger = logging.getLogger(__name__)
+
+# flexlora_hf extra: local copies of the Hub's metric modules, loaded by path (a Hub name downloads their code)
+METRICS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "metrics")
 
 # The paper's ViT targets (Q, K, V, attention output, MLP in, MLP out), under both module namings of transformers.
 VIT_TARGETS_CLASSIC = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -299,9 +304,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     label2id = {label: i for i, label in enumerate(labels)}
     id2label = dict(enumerate(labels))
 
-    def compute_metrics(p: Any) -> dict[str, float]:  # flexlora_hf extra: accuracy without evaluate.load (Hub)
+    # flexlora_hf extra: the local accuracy module (the transformers example loads "accuracy" from the Hub)
+    metric = evaluate.load(os.path.join(METRICS_DIR, "accuracy"), cache_dir=model_args.cache_dir)
+
+    def compute_metrics(p: Any) -> dict[str, float]:
         predictions = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
-        return {"accuracy": float((np.argmax(predictions, axis=1) == p.label_ids).mean())}
+        return metric.compute(predictions=np.argmax(predictions, axis=1), references=p.label_ids)
 
     config = AutoConfig.from_pretrained(
         model_args.config_name or model_args.model_name_or_path,
