@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 trl = pytest.importorskip("trl")
 
@@ -219,6 +220,42 @@ def test_sft_chat_messages_from_a_model_id(tokenizer, base_dir, tmp_path):
     trainer.save_model()
     assert (tmp_path / "out" / "flexlora_adapter.safetensors").is_file()
     assert (tmp_path / "out" / "chat_template.jinja").is_file()  # SFTTrainer's processing class is saved alongside
+
+
+# ---------------------------------------------------------------------------------------------- TRL's sft script
+def test_sft_script_flow_pushes_to_the_hub(local_hub, tokenizer, base_dir, tmp_path):
+    """TRL's `sft.py` flow with the model given as a Hub id: train, evaluate, save_model, push_to_hub(dataset_name=)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token="hf_test_token")  # the `local_hub` fixture's user "tester"
+    api.create_repo("tester/tiny-llama")
+    api.upload_folder(folder_path=str(base_dir), repo_id="tester/tiny-llama")
+    out = tmp_path / "out"
+    trainer = FlexLoRASFTTrainer(
+        "tester/tiny-llama",
+        sft_config(out, eval_strategy="steps", eval_steps=6, hub_model_id="sft-run", hub_token="hf_test_token"),
+        train_dataset=Dataset.from_list(completion_rows()),
+        eval_dataset=Dataset.from_list(completion_rows(8, seed=1)),
+        processing_class=tokenizer,
+        flexlora_config=flex_config(),
+    )
+    trainer.train()
+    trainer.save_model(str(out))
+    trainer.push_to_hub(dataset_name="tester/colors")
+    files = local_hub.files("tester/sft-run")
+    missing = [name for name in ADAPTER_FILES if name not in files]
+    assert not missing, missing
+    assert files["rank_map.json"] == (out / "rank_map.json").read_bytes()
+    assert set(json.loads(files["rank_map.json"]).values()) != {4}
+    meta = yaml.safe_load(files["README.md"].decode().split("---\n", 2)[1])
+    assert meta["base_model"] == "tester/tiny-llama" and meta["datasets"] == ["tester/colors"]
+    assert "flexlora" in meta["tags"]
+    ids = tokenizer("what color is the sky ? the sky is blue", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = FlexLoRAModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), str(out))
+        expected = expected.eval()(input_ids=ids).logits
+        pushed = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("tester/tiny-llama"), "tester/sft-run")
+        torch.testing.assert_close(pushed.eval()(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- refusals
