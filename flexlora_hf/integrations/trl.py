@@ -1,7 +1,7 @@
 """TRL integration: `FlexLoRASFTTrainer`, TRL's `SFTTrainer` with FlexLoRA rank reallocation.
 
 This module owns what it takes for a `FlexLoRAModel` to go through `trl.SFTTrainer` (dataset preparation, chat
-templates, completion-only loss, packing, its fused LM-head loss and metrics) unchanged. The FlexLoRA side (wrapping,
+templates, completion-only loss, its fused LM-head loss and metrics) unchanged. The FlexLoRA side (wrapping,
 events, the orthogonality term, adapter checkpoints, resume) is `FlexLoRATrainerMixin`, exactly as in
 `FlexLoRATrainer`. It imports `trl` (``pip install flexlora_hf[trl]``); ``import flexlora_hf`` does not.
 
@@ -101,7 +101,7 @@ class FlexLoRASFTTrainer(FlexLoRATrainerMixin, trl.SFTTrainer):
     Accepts every `SFTTrainer` argument (``model`` may be a model id, loaded with ``args.model_init_kwargs`` and
     ``quantization_config`` as SFTTrainer does) plus ``flexlora_config``; SFTTrainer's dataset handling
     (language-modeling text, prompt/completion with completion-only loss, conversational ``messages`` through the
-    tokenizer's chat template, packing) is unchanged. Reallocation events, the orthogonality term, the logged
+    tokenizer's chat template) is unchanged. Reallocation events, the orthogonality term, the logged
     ``flexlora/*`` metrics, adapter checkpoints and resume are those of `FlexLoRATrainer`.
 
     Args:
