@@ -185,6 +185,17 @@ def test_sft_completion_data_reallocates_trains_and_reloads(tokenizer, tmp_path)
 
     # Checkpoints and save_model write the FlexLoRA adapter folder (both views); both reload to the same logits.
     assert (tmp_path / "out" / "checkpoint-6" / "flexlora_config.json").is_file()
+    resumed = FlexLoRASFTTrainer(
+        model=base_model(tokenizer),
+        args=sft_config(tmp_path / "resumed", save_strategy="no", bf16=False),
+        train_dataset=Dataset.from_list(completion_rows()),
+        processing_class=tokenizer,
+        flexlora_config=flex_config(),
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-6"))
+    assert resumed.state.global_step == 12 and resumed.flexlora_model.rank_map() == fm.rank_map()
+    for name, tensor in adapter_tensors(resumed.flexlora_model).items():  # the same run, interrupted at step 6
+        torch.testing.assert_close(tensor, adapter_tensors(fm)[name], rtol=1e-4, atol=1e-6)
     out = tmp_path / "adapter"
     trainer.save_model(str(out))
     missing = [name for name in ADAPTER_FILES if not (out / name).is_file()]
