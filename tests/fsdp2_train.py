@@ -35,7 +35,7 @@ def config(basis: str = "orthonormal") -> FlexLoRAConfig:
         r=2, lora_alpha=4, b0=2, t_warmup=2, t_final=2, delta_t=2, schedule="constant", total_steps=STEPS,
         target_modules=["q_proj", "v_proj", "down_proj"], max_rank=5, orth_reg_weight=0.1, modules_to_save=["lm_head"],
         lam_lr_rule="constant", lam_lr_ratio=10.0, basis_lr_ratio=1.0,  # the trajectory whose events cross the shard
-        # boundary (test_fsdp2)
+        grace_events=0,  # boundary (test_fsdp2): a module grows to 4 directions and is pruned (rotated) the next event
     )
 
 
