@@ -228,8 +228,6 @@ class FlexLoRATrainerMixin(TrainerRestartMixin, TrainerCardMixin):
                 args = (args[0], targs, *args[2:])
         super().__init__(*args, **kwargs)
         check_distributed_engine(self.args, self)  # type: ignore[attr-defined]  # incl. an accelerate config's FSDP
-        # The optimizer this Trainer built (None: none yet, or the caller's from optimizers=(...)); see train().
-        self._own_optimizer: torch.optim.Optimizer | None = None
         lr = float(self.args.learning_rate)  # type: ignore[attr-defined]
         basis = self.flexlora_model.flexlora_config.init_basis
         if lr <= LORA_TYPICAL_LR and basis != "lora_like":

@@ -9,16 +9,21 @@ so this module turns those keywords into [`model_card.build_model_card`] argumen
 `base_model`, `tasks` -> pipeline tag and the `model-index` task, `dataset_tags` -> `datasets`, `dataset` /
 `dataset_args` -> the `model-index` dataset, `language`, `license`, `tags`, `model_name` as they are, and the latest
 `eval_*` metrics of the Trainer's log history -> the card's results. The card keeps the rank map and heatmap.
+
+[`TrainerCardMixin`] (a base of `FlexLoRATrainerMixin`) holds the Trainer methods: `create_model_card`,
+`push_to_hub` (our folder and card, uploaded by `hub.push_to_hub` after any checkpoint push still in flight), and
+the checkpoint pushes of `args.push_to_hub` (both views in every intermediate commit).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .constants import MODEL_CARD_NAME
+from .constants import HEATMAP_NAME, MODEL_CARD_NAME, NATIVE_FILES
 from .io.atomic import write_text
 from .io.peft_view import is_local_path
 
@@ -214,6 +219,9 @@ class TrainerCardMixin:
         if "/" not in repo_id:
             repo_id = f"{HfApi(token=token).whoami()['name']}/{repo_id}"
         self.save_model(_internal_call=True)  # type: ignore[attr-defined]
+        finish = getattr(self, "_finish_current_push", None)
+        if callable(finish):  # a checkpoint push still uploading (args.push_to_hub) must not land after this one
+            finish()
         fm = self.flexlora_model  # type: ignore[attr-defined]
         write_trainer_card(fm, args.output_dir, {**card, "repo_id": repo_id})  # the same card in output_dir
         return fm.push_to_hub(
@@ -224,3 +232,15 @@ class TrainerCardMixin:
             revision=revision or args.hub_revision,
             model_card_kwargs=card,
         )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Checkpoint pushes of `args.push_to_hub`: `Trainer` copies the files it knows (the PEFT view) from the
+        checkpoint into `output_dir` and uploads `output_dir`; the native view, rank map, history, heatmap and card
+        are copied along, so every intermediate commit holds both views of the same adapter."""
+        args = self.args  # type: ignore[attr-defined]
+        if self.is_world_process_zero() and str(getattr(args.hub_strategy, "value", args.hub_strategy)) != "end":  # type: ignore[attr-defined]
+            for name in (*NATIVE_FILES, HEATMAP_NAME, MODEL_CARD_NAME):
+                source = os.path.join(checkpoint_folder, name)
+                if os.path.isfile(source):
+                    shutil.copy(source, os.path.join(args.output_dir, name))
+        super()._push_from_checkpoint(checkpoint_folder)  # type: ignore[misc]

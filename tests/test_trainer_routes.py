@@ -18,6 +18,7 @@ import torch
 import yaml
 from helpers import cls_dataset, lm_dataset, trainer_bert, trainer_llama, training_args
 from hub_stub import LocalHub
+from peft import PeftModel
 from transformers import EarlyStoppingCallback, Trainer
 
 from flexlora_hf import FlexLoRACallback, FlexLoRAConfig, FlexLoRAModel, FlexLoRATrainer, get_flexlora_model
@@ -57,7 +58,7 @@ def _front_matter(text: str) -> dict:
 
 
 def _llama_trainer(out, cfg: dict | None = None, **args) -> FlexLoRATrainer:
-    return FlexLoRATrainer(model=trainer_llama(), args=training_args(str(out), **{"max_steps": 16, **args}),
+    return FlexLoRATrainer(model=trainer_llama(), args=training_args(str(out), **{"max_steps": 12, **args}),
                            train_dataset=lm_dataset(), eval_dataset=lm_dataset(n=16, seed=1),
                            flexlora_config=FlexLoRAConfig(**{**SCHED, **(cfg or {})}))
 
@@ -98,14 +99,22 @@ def test_stock_example_flow_ends_with_our_rank_map_card(tmp_path) -> None:
 
 def test_push_to_hub_with_stock_kwargs_keeps_the_rank_map(local_hub: LocalHub, tmp_path) -> None:
     out = tmp_path / "flex-glue"
-    trainer = FlexLoRATrainer(model=trainer_bert(), args=training_args(str(out), max_steps=8, hub_token=TOKEN),
-                              train_dataset=cls_dataset(), eval_dataset=cls_dataset(n=16, seed=1),
-                              compute_metrics=_accuracy, flexlora_config=FlexLoRAConfig(**SHORT))
-    trainer.train()
+    # args.push_to_hub as the stock --push_to_hub sets it: the Trainer also pushes every checkpoint while training.
+    args = training_args(str(out), max_steps=8, push_to_hub=True, hub_token=TOKEN, save_strategy="steps", save_steps=4)
+    trainer = FlexLoRATrainer(model=trainer_bert(), args=args, train_dataset=cls_dataset(),
+                              eval_dataset=cls_dataset(n=16, seed=1), compute_metrics=_accuracy,
+                              flexlora_config=FlexLoRAConfig(**SHORT))
+    trainer.train()  # waits for its last checkpoint push
+    ids = torch.tensor(cls_dataset(n=4)["input_ids"])
+    with torch.no_grad():  # a checkpoint push holds both views of one adapter (the PEFT view alone before)
+        native = FlexLoRAModel.from_pretrained(trainer_bert(), "tester/flex-glue")(input_ids=ids).logits
+        peft = PeftModel.from_pretrained(trainer_bert(), "tester/flex-glue").eval()(input_ids=ids).logits
+    torch.testing.assert_close(peft, native, atol=1e-5, rtol=1e-4)
     trainer.evaluate()
     with pytest.raises(TypeError, match="unexpected keyword.*datset_tags"):
-        trainer.push_to_hub(datset_tags="glue")  # refused before anything is created on the Hub
-    assert "tester/flex-glue" not in local_hub.repo_ids()
+        trainer.push_to_hub(datset_tags="glue")  # refused before anything is uploaded
+    assert "README.md" not in local_hub.files("tester/flex-glue") or "GLUE MRPC" not in local_hub.files(
+        "tester/flex-glue")["README.md"].decode()
 
     trainer.push_to_hub(**STOCK_CARD)
     files = local_hub.files("tester/flex-glue")
@@ -173,13 +182,13 @@ def test_guard_refuses_any_optimizer_missing_adapter_tensors_also_without_the_mi
 
 # ------------------------------------------------------------------------------------- second train() / resume
 def test_second_train_resumes_from_a_mid_checkpoint_like_an_uninterrupted_run(tmp_path) -> None:
-    trainer = _llama_trainer(tmp_path, save_strategy="steps", save_steps=8)
+    trainer = _llama_trainer(tmp_path, save_strategy="steps", save_steps=6)  # events at 6 and 8
     trainer.train()
     fm = trainer.flexlora_model
     end, ranks, history = _adapter(fm), fm.rank_map(), [(e["step"], e["prune"], e["expand"]) for e in fm.rank_history]
-    mid = FlexLoRAModel.from_pretrained(trainer_llama(), tmp_path / "checkpoint-8", is_trainable=True)
+    mid = FlexLoRAModel.from_pretrained(trainer_llama(), tmp_path / "checkpoint-6", is_trainable=True)
 
-    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))  # the same Trainer, resumed
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))  # the same Trainer, resumed
     assert _max_change(_adapter(mid), _adapter(fm)) > 1e-3  # the resumed run trained (it updated nothing before)
     assert _max_change(end, _adapter(fm)) < 1e-5  # and ends where the uninterrupted run ended
     assert fm.rank_map() == ranks
@@ -197,12 +206,13 @@ def test_second_train_without_resume_trains_again_with_a_new_optimizer(tmp_path)
     assert unwrap_optimizer(trainer.optimizer) is not first_optimizer
     assert _all_finite(fm)  # the first run's direction births do not enter the new run's Adam correction
     assert _max_change(end, _adapter(fm)) > 1e-3
-    assert trainer.state.global_step == 16 and math.isfinite(trainer.state.log_history[-1]["train_loss"])
+    assert trainer.state.global_step == 12 and math.isfinite(trainer.state.log_history[-1]["train_loss"])
 
 
 def test_train_after_load_best_model_at_end_trains(tmp_path) -> None:
-    trainer = _llama_trainer(tmp_path, eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
-                             load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
+    trainer = _llama_trainer(tmp_path, SHORT, max_steps=8, eval_strategy="steps", eval_steps=4, save_strategy="steps",
+                             save_steps=4, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                             greater_is_better=False)
     trainer.train()
     fm = trainer.flexlora_model
     best = trainer.state.best_model_checkpoint
@@ -213,29 +223,45 @@ def test_train_after_load_best_model_at_end_trains(tmp_path) -> None:
     assert _all_finite(fm) and _max_change(loaded, _adapter(fm)) > 1e-3
 
 
-def test_resume_at_another_max_steps_keeps_the_checkpoint_schedule(tmp_path) -> None:
-    _llama_trainer(tmp_path / "first", save_strategy="steps", save_steps=8).train()  # max_steps 16, no total_steps
-    ckpt = str(tmp_path / "first" / "checkpoint-8")
-    mid = _adapter(FlexLoRAModel.from_pretrained(trainer_llama(), ckpt, is_trainable=True))
+@pytest.fixture(scope="module")
+def mid_checkpoint(tmp_path_factory) -> str:
+    """checkpoint-6 of a 12-step run whose config has no total_steps (events at 6 and 8)."""
+    out = tmp_path_factory.mktemp("first")
+    _llama_trainer(out, save_strategy="steps", save_steps=6).train()
+    return str(out / "checkpoint-6")
 
+
+def test_resume_at_another_max_steps_keeps_the_checkpoint_schedule(tmp_path, mid_checkpoint: str) -> None:
+    mid = _adapter(FlexLoRAModel.from_pretrained(trainer_llama(), mid_checkpoint, is_trainable=True))
     longer = _llama_trainer(tmp_path / "longer", max_steps=24)
-    longer.train(resume_from_checkpoint=ckpt)
+    longer.train(resume_from_checkpoint=mid_checkpoint)
     fm = longer.flexlora_model
-    assert longer.state.global_step == 24 and fm.flexlora_config.total_steps == 16  # the checkpoint's schedule
-    assert [e["step"] for e in fm.rank_history] == [6, 8, 10, 12]
+    assert longer.state.global_step == 24 and fm.flexlora_config.total_steps == 12  # the checkpoint's schedule
+    assert [e["step"] for e in fm.rank_history] == [6, 8]
     assert _all_finite(fm) and _max_change(mid, _adapter(fm)) > 1e-3
 
     explicit = _llama_trainer(tmp_path / "explicit", cfg={"total_steps": 40}, max_steps=40)
-    with pytest.raises(ValueError, match=r"(?s)Cannot resume.*total_steps=40.*set it to 16"):
-        explicit.train(resume_from_checkpoint=ckpt)
+    with pytest.raises(ValueError, match=r"(?s)Cannot resume.*total_steps=40.*set it to 12"):
+        explicit.train(resume_from_checkpoint=mid_checkpoint)
+
+
+def test_new_run_from_a_mid_run_adapter_without_resume(tmp_path, mid_checkpoint: str) -> None:
+    # A warm start: the adapter of a checkpoint (with young directions born at step 6), a new run from step 0.
+    fm = FlexLoRAModel.from_pretrained(trainer_llama(), mid_checkpoint, is_trainable=True)
+    assert any(layer.slot_birth for _, layer in fm.flexlora_layers())
+    before = _adapter(fm)
+    trainer = FlexLoRATrainer(model=fm, args=training_args(str(tmp_path), max_steps=8), train_dataset=lm_dataset())
+    trainer.train()  # the births are from another run: they used to reach the Adam correction ("math domain error")
+    assert _all_finite(fm) and _max_change(before, _adapter(fm)) > 1e-3
 
 
 # ------------------------------------------------------------------------------------- evaluation routes
 def test_early_stopping_with_best_model_at_end(tmp_path) -> None:
     # "Best" is the highest eval loss, so the best checkpoint is the first one and not the one training stops at
     # (the loss falls): the reload must really change the adapter.
-    trainer = _llama_trainer(tmp_path, eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
-                             load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
+    trainer = _llama_trainer(tmp_path, max_steps=16, eval_strategy="steps", eval_steps=4, save_strategy="steps",
+                             save_steps=4, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                             greater_is_better=True)
     trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=1))
     trainer.train()
     fm = trainer.flexlora_model
