@@ -302,8 +302,11 @@ def final_ranks(method: str, trainer: Any) -> dict[str, Any]:
     """Final rank per adapted matrix (FlexLoRA: active slots; AdaLoRA: unmasked triplets; LoRA: r)."""
     name, _ = parse_method(method)
     model = trainer.model
+    motion: dict[str, float] = {}
     if name == "flexlora":
         ranks = model.rank_map()
+        history = model.rank_history
+        motion = dict(history[-1].get("motion", {})) if history else {}  # moved units, share of budget, churn
     elif name == "adalora":
         ranks = {}
         for n, p in model.named_parameters():
@@ -323,6 +326,7 @@ def final_ranks(method: str, trainer: Any) -> dict[str, Any]:
         "max": max(ranks.values()),
         "per_layer": per_layer,
         "ranks": ranks,
+        "motion": motion,
     }
 
 

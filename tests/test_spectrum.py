@@ -222,3 +222,21 @@ def test_random_control_moves_the_budget_by_chance_reproducibly() -> None:
     assert len(a["prune"]) == len(a["expand"]) == 2  # ΔW = 0 here, yet the control moves the whole budget
     draws = {tuple(event(seed, step)["prune"]) for seed in range(3) for step in (20, 30)}
     assert len(draws) > 1
+
+
+def test_a_v05_folder_keeps_its_in_place_prune_and_no_grace(tmp_path) -> None:
+    # Resuming an adapter written before these fields existed must not switch its pruning mid-run.
+    import json
+
+    from flexlora_hf import FlexLoRAModel
+
+    cfg = FlexLoRAConfig(r=4, b0=1, target_modules=list(NAMES), total_steps=100, t_warmup=10, t_final=10, delta_t=10)
+    get_flexlora_model(FourMaps(), cfg).save_pretrained(tmp_path)
+    path = tmp_path / "flexlora_config.json"
+    data = json.loads(path.read_text())
+    assert data["svd_prune"] is True and data["grace_events"] == 1  # v0.6 writes them
+    for key in ("svd_prune", "grace_events"):
+        del data[key]
+    path.write_text(json.dumps(data))
+    loaded = FlexLoRAModel.from_pretrained(FourMaps(), tmp_path)
+    assert (loaded.flexlora_config.svd_prune, loaded.flexlora_config.grace_events) == (False, 0)

@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 LEGACY_DEFAULTS: dict[str, Any] = {
     "init_basis": "gaussian", "lam_lr_ratio": 1.0, "adam_reset": "shared_step", "lam_lr_rule": "constant",
     "basis_lr_ratio": 1.0,
+    "svd_prune": False, "grace_events": 0,  # v0.5 and earlier: pruned in place, no grace period
 }
 
 _ADAPTER_TENSOR_NAMES = {"lora_P", "lora_lam", "lora_Q", "lora_active"}
