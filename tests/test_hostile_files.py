@@ -260,7 +260,7 @@ CASES: list[tuple[str, Damage, type[Exception], tuple[str, ...]]] = [
     ("slot-birth-step-float", slot_birth({"4": 30.5}), ValueError, (C, M, "integer")),
     ("r-string", config_field("r", "4"), ValueError, (C, "FlexLoRAConfig.r")),
     ("r-float", config_field("r", 4.0), ValueError, (C, "Write r=4")),
-    ("delta_t-float", config_field("delta_t", 10.0), ValueError, (C, "Write delta_t=10")),
+    ("delta_t-float", config_field("delta_t", 10.5), ValueError, (C, "delta_t=10.5 must be an integer number")),
     ("b0-bool", config_field("b0", True), ValueError, (C, "FlexLoRAConfig.b0")),
     ("total_steps-negative", config_field("total_steps", -100), ValueError, (C, "total_steps")),
     ("t_warmup-null", config_field("t_warmup", None), ValueError, (C, "t_warmup")),

@@ -37,6 +37,9 @@ def test_outputs_and_gradients_equal_the_masked_computation(arch: str, monkeypat
     x = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     for event in range(3):  # ranks move: prunes pack the prefix, expansions extend it
         random_lambda(fm, seed=event)
+        with torch.no_grad():  # the default lora_like start has P = 0, hence ΔW = 0 and no spectrum to move rank by
+            for _, layer in fm.flexlora_layers():
+                layer.lora_P[:, : layer.rank] += torch.randn(layer.out_features, layer.rank) * 0.1
         plan = plan_reallocation(fm.importance_scores(), fm.rank_map(), 3, min_rank=1, max_rank=fm.rank_caps())
         fm.apply_plan(plan, step=10 + event)
     assert len(set(fm.rank_map().values())) > 1

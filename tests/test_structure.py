@@ -12,9 +12,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "flexlora_hf"
 CORE = (
-    "config", "constants", "importance", "schedule", "allocation", "targets", "directions", "layer", "optim_surgery",
-    "slot_age", "sharding", "gradient_init",
-    "events", "model",
+    "config", "constants", "choices", "scoring", "spectrum", "schedule", "allocation", "targets", "directions", "layer",
+    "optim_surgery", "slot_age", "sharding", "gradient_init", "merging", "events", "model",
 )
 HEAVY = ("transformers", "peft", "bitsandbytes", "lm_eval", "matplotlib", "datasets", "huggingface_hub", "sklearn", "scipy")
 
