@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import importlib
 import subprocess
 import sys
@@ -233,3 +234,19 @@ def test_example_scripts_print_no_install_hint(script: str) -> None:
     out = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "pip install kernels" not in out.stdout + out.stderr
+
+
+def test_no_release_history_or_measurements_in_package_strings() -> None:
+    # Help strings, log messages and docstrings describe behaviour; history lives in CHANGELOG.md and figures in the
+    # generated docs and result records (a copied figure goes stale the day it is re-measured).
+    history = re.compile(r"\bv\d+\.\d+\b(?!\.\d)")  # "v0.5" (a release), not a version string like "1.2.3"
+    measured = re.compile(r"\b\d{1,2}\.\d ?(?:±|vs)\s?\d")  # "89.5 ± 4.0", "70.9 vs 88.9"
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if "tasks" in path.parts or "data" in path.parts:  # task prompts and example data carry their own text
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if history.search(node.value) or measured.search(node.value):
+                    found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {node.value[:80]!r}")
+    assert not found, "\n".join(found)
