@@ -67,12 +67,16 @@ def parse_module_list(value: Any) -> list[str] | str | None:
         return None
     if isinstance(value, (list, tuple, set, frozenset)):
         if not all(isinstance(item, str) for item in value):
-            raise ValueError(f"module list {list(value)!r} must hold module names (strings), e.g. ['q_proj', 'v_proj'].")
+            raise ValueError(
+                f"module list {list(value)!r} must hold module names (strings), e.g. ['q_proj', 'v_proj']."
+            )
         items = sorted(value) if isinstance(value, (set, frozenset)) else value  # sets have no order: sort them
         names = [n.strip() for item in items for n in str(item).split(",") if n.strip()]
         return "all-linear" if names == ["all-linear"] else names
     if not isinstance(value, str):
-        raise ValueError(f"module list {value!r} must be a string or a list of module names, e.g. ['q_proj', 'v_proj'].")
+        raise ValueError(
+            f"module list {value!r} must be a string or a list of module names, e.g. ['q_proj', 'v_proj']."
+        )
     text = value.strip()
     if not text:
         return None
@@ -97,7 +101,8 @@ def parse_max_rank(value: Any) -> int | dict[str, int] | None:
         bad = {k: v for k, v in value.items() if not is_integer(v)}
         if bad:
             raise ValueError(
-                f"--max_rank caps must be integers; got {bad!r}. Write e.g. {{\"model.layers.0.self_attn.q_proj\": 16}}."
+                f"--max_rank caps must be integers; got {bad!r}. "
+                f"Write e.g. {{\"model.layers.0.self_attn.q_proj\": 16}}."
             )
         return {str(k): int(v) for k, v in value.items()}
     if not isinstance(value, str):
@@ -121,7 +126,9 @@ def check_steps(name: str, value: Any, minimum: int) -> int | float:
         ValueError: naming the field, the value and the fix.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"FlexLoRAConfig.{name}={value!r} must be a number of steps or a fraction of the run in (0, 1).")
+        raise ValueError(
+            f"FlexLoRAConfig.{name}={value!r} must be a number of steps or a fraction of the run in (0, 1)."
+        )
     number = float(value)
     if 0 < number < 1:
         return number

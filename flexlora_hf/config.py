@@ -84,13 +84,19 @@ class FlexLoRAConfig:
     )
     modules_to_save: list[str] | None = field(
         default=None,
-        metadata={"help": "Extra modules (e.g. a classifier head) that are trained in full and saved with the adapter."},
+        metadata={
+            "help": "Extra modules (e.g. a classifier head) that are trained in full and saved with the adapter."
+        },
     )
-    b0: int = field(default=4, metadata={"help": "Paper's b: the largest number of directions pruned and expanded per event."})
+    b0: int = field(
+        default=4, metadata={"help": "Paper's b: the largest number of directions pruned and expanded per event."}
+    )
     # Typed float so HfArgumentParser accepts both `--t_warmup 500` and `--t_warmup 0.1` (validated by check_steps).
     t_warmup: float = field(
         default=500,
-        metadata={"help": "Steps before the first reallocation event (paper: T_warmup), or a fraction of the run in (0, 1)."},
+        metadata={
+            "help": "Steps before the first reallocation event (paper: T_warmup), or a fraction of the run in (0, 1)."
+        },
     )
     t_final: float = field(
         default=500,
@@ -101,10 +107,17 @@ class FlexLoRAConfig:
         metadata={"help": "Steps between reallocation events (paper: Δ_T), or a fraction of the run in (0, 1)."},
     )
     total_steps: int | None = field(
-        default=None, metadata={"help": "Total optimizer steps T. Leave unset with FlexLoRATrainer: it uses the Trainer's max_steps."}
+        default=None,
+        metadata={
+            "help": "Total optimizer steps T. Leave unset with FlexLoRATrainer: it uses the Trainer's max_steps."
+        },
     )
     orth_reg_weight: float = field(
-        default=0.1, metadata={"help": "γ, weight of the orthogonality regulariser of eq. 2 (the paper gives no value; 0.1 is AdaLoRA's GLUE setting)."}
+        default=0.1,
+        metadata={
+            "help": "γ, weight of the orthogonality regulariser of eq. 2 (the paper gives no value; 0.1 is AdaLoRA's "
+            "GLUE setting)."
+        },
     )
     min_rank: int = field(
         default=1, metadata={"help": "A matrix is never pruned below this rank (paper: 1). 0 allows dropping a module."}
@@ -155,29 +168,40 @@ class FlexLoRAConfig:
     init_basis: str = field(
         default="lora_like",
         metadata={
-            "help": "Initial directions (the paper specifies none; ΔW = 0 with each): 'lora_like' (P = 0, λ = 1/sqrt(3), "
-            "Q orthonormal: PEFT LoRA's B = 0 / A start, P learns from step one), 'orthonormal' (λ = 0, P, Q "
-            "orthonormal, v0.2-v0.4) or 'gaussian' (λ = 0, P, Q ~ N(0, init_scale²): AdaLoRA's). New directions: λ = 0."
+            "help": "Initial directions (the paper specifies none; ΔW = 0 with each): 'lora_like' (P = 0, "
+            "λ = 1/sqrt(3), Q orthonormal: PEFT LoRA's B = 0 / A start, P learns from step one), 'orthonormal' "
+            "(λ = 0, P, Q orthonormal, v0.2-v0.4) or 'gaussian' (λ = 0, P, Q ~ N(0, init_scale²): "
+            "AdaLoRA's). New directions: λ = 0."
         },
     )
     init_from_gradient: bool = field(
-        default=False, metadata={"help": "Rotate the orthonormal basis onto the first batch's weight-gradient singular vectors before "
-                  "step 1 (2 extra passes; λ stays 0, zero impact holds; gradient_init.py). Needs init_basis='orthonormal'."},
+        default=False,
+        metadata={
+            "help": "Rotate the orthonormal basis onto the first batch's weight-gradient singular vectors before "
+            "step 1 (2 extra passes; λ stays 0, zero impact holds; gradient_init.py). Needs init_basis='orthonormal'."
+        },
     )
-    init_scale: float = field(default=0.02, metadata={"help": "Std of the Gaussian P, Q when init_basis='gaussian' (AdaLoRA: 0.02)."})
+    init_scale: float = field(
+        default=0.02, metadata={"help": "Std of the Gaussian P, Q when init_basis='gaussian' (AdaLoRA: 0.02)."}
+    )
     lam_lr_rule: str = field(
         default="constant",
         metadata={
-            "help": "λ's learning rate (own param groups, no weight decay): 'constant' is lr * lam_lr_ratio; 'lora_matched' "
-            "(v0.3-v0.4, for the orthonormal basis) lr * lam_lr_ratio * sqrt(d_out / 3) per matrix (optim_surgery.py)."
+            "help": "λ's learning rate (own param groups, no weight decay): 'constant' is lr * lam_lr_ratio; "
+            "'lora_matched' (v0.3-v0.4, for the orthonormal basis) lr * lam_lr_ratio * sqrt(d_out / 3) per matrix "
+            "(optim_surgery.py)."
         },
     )
     lam_lr_ratio: float = field(
-        default=1.0, metadata={"help": "Multiplier of λ's rate (lam_lr_rule); the paper's single rate: 'constant' with 1.0."}
+        default=1.0,
+        metadata={"help": "Multiplier of λ's rate (lam_lr_rule); the paper's single rate: 'constant' with 1.0."},
     )
     basis_lr_ratio: float = field(
-        default=1.0, metadata={"help": "Learning rate of P and Q (the directions) over the optimizer's, in their own "
-                               "param group with the usual weight decay (optim_surgery.py); 1.0 is the paper's single rate."},
+        default=1.0,
+        metadata={
+            "help": "Learning rate of P and Q (the directions) over the optimizer's, in their own "
+            "param group with the usual weight decay (optim_surgery.py); 1.0 is the paper's single rate."
+        },
     )
     adam_reset: str = field(
         default="slot_age",
@@ -187,7 +211,9 @@ class FlexLoRAConfig:
             "counter stays, so a new direction's first updates are ~3x lr)."
         },
     )
-    small_init_value: float = field(default=1e-3, metadata={"help": "λ given to a new direction when expansion_init='small'."})
+    small_init_value: float = field(
+        default=1e-3, metadata={"help": "λ given to a new direction when expansion_init='small'."}
+    )
     entropy_eps: float = field(default=1e-12, metadata={"help": "ε inside log(s_i + ε) of eq. 3."})
     seed: int = field(default=0, metadata={"help": "Seed for initial directions and for every expansion draw."})
 
@@ -258,7 +284,9 @@ class FlexLoRAConfig:
                              f"init_basis='orthonormal' (got {self.init_basis!r}).")
         for name in ("lam_lr_ratio", "basis_lr_ratio"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"FlexLoRAConfig.{name}={getattr(self, name)!r} must be > 0 (1.0: the optimizer's rate).")
+                raise ValueError(
+                    f"FlexLoRAConfig.{name}={getattr(self, name)!r} must be > 0 (1.0: the optimizer's rate)."
+                )
         if self.init_scale <= 0:
             raise ValueError(f"FlexLoRAConfig.init_scale={self.init_scale!r} must be > 0.")
         if self.entropy_eps < 0:
@@ -336,7 +364,9 @@ class FlexLoRAConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"Unknown FlexLoRAConfig field(s): {', '.join(unknown)}. Known: {', '.join(sorted(names))}.")
+            raise ValueError(
+                f"Unknown FlexLoRAConfig field(s): {', '.join(unknown)}. Known: {', '.join(sorted(names))}."
+            )
         return cls(**data)
 
     def to_json_string(self) -> str:

@@ -148,7 +148,8 @@ def validate_schedule(cfg: FlexLoRAConfig, n_modules: int) -> None:
     steps = cfg.steps()
     if cfg.b0 > 0 and not event_steps(**cfg.grid_kwargs()):
         raise ValueError(
-            f"FlexLoRA schedule has no event: no multiple of delta_t={steps['delta_t']} in (t_warmup={steps['t_warmup']}, "
+            f"FlexLoRA schedule has no event: no multiple of delta_t={steps['delta_t']} "
+            f"in (t_warmup={steps['t_warmup']}, "
             f"total_steps - t_final={int(cfg.total_steps or 0) - steps['t_final']}] with b(t) > 0. "
             "Lower delta_t, t_warmup or t_final, or train for more steps (set b0=0 to train a fixed-rank adapter on "
             "purpose)."

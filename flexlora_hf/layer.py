@@ -250,7 +250,8 @@ class FlexLoRALayer(nn.Module):
     def rotate_to_svd(self) -> None:
         """Re-express the active directions as ΔW's thin SVD, ΔW unchanged (`spectrum.factored_svd`): P's columns
         and Q's rows become orthonormal, λ the singular values, slot i the i-th strongest direction. The optimizer
-        state of every active slot no longer matches its direction: the caller resets it (`FlexLoRAModel.apply_plan`)."""
+        state of every active slot no longer matches its direction: the caller resets it
+        (`FlexLoRAModel.apply_plan`)."""
         r = self._rank
         U, S, Vh = factored_svd(self.lora_P[:, :r], self.lora_lam[:r], self.lora_Q[:r])  # (out, r), (r,), (r, in)
         self.lora_P[:, :r] = U.to(self.lora_P.device, self.lora_P.dtype)

@@ -341,7 +341,8 @@ class FlexLoRAModel(nn.Module):
                 p.requires_grad_(False)
             model.eval()
         logger.info(
-            "Loaded FlexLoRA adapter (%d matrices, total rank %d) from %s", len(saved.modules), model.total_rank(), directory
+            "Loaded FlexLoRA adapter (%d matrices, total rank %d) from %s",
+            len(saved.modules), model.total_rank(), directory,
         )
         return model
 

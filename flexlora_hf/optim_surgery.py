@@ -68,7 +68,8 @@ def lam_lr_multiplier(out_features: int, lam_lr_ratio: float, lam_lr_rule: str) 
     if lam_lr_rule == "constant":
         return float(lam_lr_ratio)
     if lam_lr_rule == "lora_matched":
-        return float(lam_lr_ratio) * math.sqrt(out_features / 3.0)  # LoRA's B column step: sqrt(out) * |a_i| = 1/sqrt(3)
+        # LoRA's B column step: sqrt(out) * |a_i| = 1/sqrt(3)
+        return float(lam_lr_ratio) * math.sqrt(out_features / 3.0)
     raise ValueError(f"lam_lr_rule={lam_lr_rule!r} is not supported; choose one of {', '.join(LAM_LR_RULES)}.")
 
 

@@ -203,7 +203,9 @@ def local_slots(param: Any, dim: int, slots: list[int]) -> tuple[torch.Tensor, l
 
 
 @contextmanager
-def gathered(layers: Iterable[nn.Module], optimizer: Any = None, extra_modules: Iterable[nn.Module] = ()) -> Iterator[None]:
+def gathered(
+    layers: Iterable[nn.Module], optimizer: Any = None, extra_modules: Iterable[nn.Module] = ()
+) -> Iterator[None]:
     """Within the block, each sharded layer holds full (unsharded, plain) copies of P, λ and Q, and the optimizer
     holds full copies of their moments under those copies; on exit every process writes its shard back.
     `extra_modules` (e.g. `modules_to_save` for a save) get full copies of all their sharded parameters too.

@@ -14,8 +14,8 @@ where k is the slot's own age in optimizer steps and t the tensor's step count: 
 a fresh Adam (up to ε), and every other slice is untouched. A slot is dropped once |c - 1| < `tol`. Decoupled weight
 decay is scaled with the update (λ has none; P and Q rarely do). Each layer owns its slots' birth steps
 (`FlexLoRALayer.slot_birth`, saved with the adapter so resume is exact); ages are counted on the host, so the hooks
-never synchronise with the device. Under FSDP2 each process corrects the young slots of its own shard. Cost: two small gathers and one scatter per young slot tensor per step, and only
-while some direction is young.
+never synchronise with the device. Under FSDP2 each process corrects the young slots of its own shard. Cost: two
+small gathers and one scatter per young slot tensor per step, and only while some direction is young.
 
 Optimizers without Adam's `betas` (SGD) get no hooks: their steps do not depend on a step counter.
 """
@@ -55,7 +55,9 @@ class SlotAgeCorrection:
     train start (resume: births are saved with the adapter).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, step: int, layers: Iterable[FlexLoRALayer], tol: float) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, step: int, layers: Iterable[FlexLoRALayer], tol: float
+    ) -> None:
         self.optimizer = optimizer
         self.step = int(step)  # optimizer steps completed (host counter: the hooks never read device state)
         self.layers = list(layers)

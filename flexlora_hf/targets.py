@@ -51,7 +51,9 @@ def find_target_modules(model: nn.Module, config: FlexLoRAConfig) -> list[str]:
     linear_names = [n for n, m in model.named_modules() if n and is_supported_layer(m)]
     save = list(config.modules_to_save or [])
     # A module trained in full is not also adapted, nor are the linear layers inside it (RoBERTa's classifier.out_proj).
-    excluded = {n for n in linear_names if any(matches(".".join(n.split(".")[:k]), save) for k in range(1, n.count(".") + 2))}
+    excluded = {
+        n for n in linear_names if any(matches(".".join(n.split(".")[:k]), save) for k in range(1, n.count(".") + 2))
+    }
     target = config.target_modules if config.target_modules is not None else "all-linear"
     chosen: list[str]
     if target == "all-linear":

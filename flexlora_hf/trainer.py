@@ -102,7 +102,9 @@ class FlexLoRACallback(TrainerCallback):
         check_distributed_engine(args)
         validate_schedule(cfg, n_modules=len(fm.module_names))
         if not self.with_mixin and cfg.init_from_gradient:
-            logger.warning("init_from_gradient is performed by FlexLoRATrainerMixin; without it the basis stays random.")
+            logger.warning(
+                "init_from_gradient is performed by FlexLoRATrainerMixin; without it the basis stays random."
+            )
         if not self.with_mixin and cfg.orth_reg_weight > 0:
             logger.warning(
                 "FlexLoRACallback is used without FlexLoRATrainerMixin, so the orthogonality term of eq. 2 "
@@ -134,7 +136,9 @@ class FlexLoRACallback(TrainerCallback):
         if record is not None:
             self.pending_logs = event_logs(record)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if not state.is_world_process_zero:
             return
         fm = unwrap_flexlora(kwargs["model"])
@@ -193,8 +197,8 @@ class FlexLoRATrainerMixin(TrainerRestartMixin, TrainerCardMixin):
         if not isinstance(model, FlexLoRAModel):
             if flexlora_config is None:
                 raise ValueError(
-                    "FlexLoRATrainer got a plain model and no flexlora_config: pass flexlora_config=FlexLoRAConfig(...) "
-                    "or a model wrapped with get_flexlora_model."
+                    "FlexLoRATrainer got a plain model and no flexlora_config: "
+                    "pass flexlora_config=FlexLoRAConfig(...) or a model wrapped with get_flexlora_model."
                 )
             model = get_flexlora_model(model, flexlora_config)
             if "model" in kwargs:

@@ -132,13 +132,17 @@ def lora_config_from_rank_map(
             "describe; drop it (the policies already fix each module's scale)."
         )
     if int(r) <= 0 or float(lora_alpha) <= 0:
-        raise ValueError(f"lora_config_from_rank_map: r and lora_alpha must be positive, got r={r}, lora_alpha={lora_alpha}.")
+        raise ValueError(
+            f"lora_config_from_rank_map: r and lora_alpha must be positive, got r={r}, lora_alpha={lora_alpha}."
+        )
     ranks: dict[str, int] = {}
     zero: list[str] = []
     inside_saved: list[str] = []
     saved = [str(m) for m in modules_to_save or []]
     for name, value in rank_map.items():
-        if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, float) and value.is_integer()):
+        if isinstance(value, bool) or (
+            not isinstance(value, int) and not (isinstance(value, float) and value.is_integer())
+        ):
             raise ValueError(f"lora_config_from_rank_map: rank of {name!r} must be an integer, got {value!r}.")
         rank = int(value)
         if rank < 0:

@@ -49,4 +49,6 @@ def write_rank_history(model: FlexLoRAModel, output_dir: str) -> None:
         if _warned_no_plot:
             return
         _warned_no_plot = True
-        logger.warning("Could not draw the rank heatmap (%s); install it with `pip install \"flexlora_hf[plot]\"`.", err)
+        logger.warning(
+            "Could not draw the rank heatmap (%s); install it with `pip install \"flexlora_hf[plot]\"`.", err
+        )

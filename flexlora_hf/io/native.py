@@ -122,7 +122,8 @@ def _check_base_module(
         )
     if not is_supported_layer(layer):
         raise ValueError(
-            f"load_flexlora: module {module!r} of the base model is a {type(layer).__name__}, not a linear layer{origin}."
+            f"load_flexlora: module {module!r} of the base model is a {type(layer).__name__}, "
+            f"not a linear layer{origin}."
         )
     b_in, b_out = layer_shape(layer)
     if (b_out, b_in) != (d_out, d_in):

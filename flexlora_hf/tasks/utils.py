@@ -111,7 +111,8 @@ def _answer_pattern(dataset: str) -> str:
 
 
 def llm_adapters_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Folder holding `<dataset>/test.json` (LLM-Adapters' `dataset/`): `data_dir`, else `$FLEXLORA_HF_LLM_ADAPTERS_DATA`."""
+    """Folder holding `<dataset>/test.json` (LLM-Adapters' `dataset/`): `data_dir`, else
+    `$FLEXLORA_HF_LLM_ADAPTERS_DATA`."""
     value = data_dir or os.environ.get(LLM_ADAPTERS_DATA_ENV)
     if not value:
         raise FileNotFoundError(
@@ -191,7 +192,8 @@ HOLDOUT_EVERY = 5
 
 
 def default_eval_data_dir() -> Path:
-    """`$FLEXLORA_HF_EVAL_DATA`, else `<cache>/eval_data` with `<cache>` = `$FLEXLORA_HF_CACHE` or `~/.cache/flexlora_hf`."""
+    """`$FLEXLORA_HF_EVAL_DATA`, else `<cache>/eval_data` with `<cache>` = `$FLEXLORA_HF_CACHE` or
+    `~/.cache/flexlora_hf`."""
     if os.environ.get(EVAL_DATA_ENV):
         return Path(os.environ[EVAL_DATA_ENV]).expanduser()
     return cache_root() / "eval_data"
