@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import ast
-import re
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -246,7 +246,10 @@ def test_no_release_history_or_measurements_in_package_strings() -> None:
         if "tasks" in path.parts or "data" in path.parts:  # task prompts and example data carry their own text
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                if history.search(node.value) or measured.search(node.value):
-                    found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {node.value[:80]!r}")
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and (history.search(node.value) or measured.search(node.value))
+            ):
+                found.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {node.value[:80]!r}")
     assert not found, "\n".join(found)
