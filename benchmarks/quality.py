@@ -417,6 +417,61 @@ def _cell(values: dict[int, float]) -> str:
     return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f} ({seeds})"
 
 
+def rank_stability(rank_maps: list[dict[str, int]]) -> float | None:
+    """Mean Spearman correlation of the final per-matrix ranks between every pair of seeds (None if undefined:
+    fewer than two seeds, or ranks that never moved)."""
+    from itertools import combinations
+
+    from scipy.stats import spearmanr
+
+    values = []
+    for a, b in combinations(rank_maps, 2):
+        names = sorted(set(a) & set(b))
+        x, y = [a[n] for n in names], [b[n] for n in names]
+        if len(set(x)) > 1 and len(set(y)) > 1:
+            values.append(float(spearmanr(x, y).statistic))
+    return sum(values) / len(values) if values else None
+
+
+def controls_table(rows: list[dict[str, Any]], result: dict[str, Any]) -> list[str]:
+    """The `--custom` runs (e.g. the reallocation controls) per task and method: accuracy per seed, paired wins
+    against LoRA at the same rate, rank-map stability across seeds, and how much rank moved."""
+    custom = [r for r in rows if r.get("part") == "custom"]
+    if not custom:
+        return []
+    lines = ["", "Custom runs (controls): accuracy % mean ± std (per seed); wins against LoRA at the same rate; rank-map "
+             "stability = mean Spearman correlation of final per-matrix ranks between seeds; moved = rank units moved "
+             "as a share of the total rank; churn = expansions pruned at the next event", ""]
+    lines += ["| task | method | accuracy % | wins vs LoRA | stability | moved | churn |", "|---|---|---|---|---|---|---|"]
+    result["custom"] = {}
+    for task in sorted({r["task"] for r in custom}):
+        for method in sorted({r["method"] for r in custom if r["task"] == task}):
+            runs = {r["seed"]: r for r in rows if r["task"] == task and r["method"] == method}
+            vals = {s: r["accuracy"] for s, r in runs.items()}
+            lr = parse_method(method)[1].get("lr")
+            lora_vals = _group(rows, task, method_at("lora", float(lr)), list(vals)) if lr is not None else {}
+            wins = sum(vals[s] > lora_vals[s] for s in vals if s in lora_vals)
+            paired = sum(s in lora_vals for s in vals)
+            maps = [r["ranks"]["ranks"] for r in runs.values() if r.get("ranks", {}).get("ranks")]
+            stability = rank_stability(maps)
+            motions = [r["ranks"].get("motion", {}) for r in runs.values() if r.get("ranks")]
+            moved = [m["moved_share"] for m in motions if "moved_share" in m]
+            churn = [m["churn"] for m in motions if "churn" in m]
+            entry = {"per_seed": vals, "stats": mean_std(list(vals.values())) if vals else None, "wins_vs_lora": wins,
+                     "paired_seeds": paired, "rank_stability": stability,
+                     "moved_share": sum(moved) / len(moved) if moved else None,
+                     "churn": sum(churn) / len(churn) if churn else None}
+            result["custom"].setdefault(task, {})[method] = entry
+
+            def pct(x: float | None) -> str:
+                return "-" if x is None else f"{100 * x:.0f}%"
+
+            stab = "-" if stability is None else f"{stability:.2f}"
+            lines.append(f"| {task} | {method} | {_cell(vals)} | {wins}/{paired} | {stab} | {pct(entry['moved_share'])} "
+                         f"| {pct(entry['churn'])} |")
+    return lines
+
+
 def report(args: argparse.Namespace) -> dict[str, Any]:
     """Aggregate the runs file into ``--report-file`` and print the markdown tables."""
     rows = load_runs(args.runs_file)
@@ -481,6 +536,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
             ranks = [r["ranks"].get("total_rank") for r in rows if r["task"] == task and r["method"] == method and r["seed"] in abl_seeds]
             result["ablations"].setdefault(task, {})[v] = {"per_seed": vals, "stats": mean_std(list(vals.values())) if vals else None}
             lines.append(f"| {v} | {_cell(vals)} | {'/'.join(str(x) for x in ranks if x is not None) or '-'} |")
+    lines += controls_table(rows, result)
     result["markdown"] = "\n".join(lines)
     write_json(args.report_file, result)
     print(result["markdown"])

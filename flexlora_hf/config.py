@@ -170,7 +170,7 @@ class FlexLoRAConfig:
         metadata={
             "help": "Initial directions (the paper specifies none; ΔW = 0 with each): 'lora_like' (P = 0, "
             "λ = 1/sqrt(3), Q orthonormal: PEFT LoRA's B = 0 / A start, P learns from step one), 'orthonormal' "
-            "(λ = 0, P, Q orthonormal, v0.2-v0.4) or 'gaussian' (λ = 0, P, Q ~ N(0, init_scale²): "
+            "(λ = 0, P, Q orthonormal: zero impact through λ) or 'gaussian' (λ = 0, P, Q ~ N(0, init_scale²): "
             "AdaLoRA's). New directions: λ = 0."
         },
     )
@@ -188,7 +188,7 @@ class FlexLoRAConfig:
         default="constant",
         metadata={
             "help": "λ's learning rate (own param groups, no weight decay): 'constant' is lr * lam_lr_ratio; "
-            "'lora_matched' (v0.3-v0.4, for the orthonormal basis) lr * lam_lr_ratio * sqrt(d_out / 3) per matrix "
+            "'lora_matched' (for the orthonormal basis) lr * lam_lr_ratio * sqrt(d_out / 3) per matrix "
             "(optim_surgery.py)."
         },
     )
