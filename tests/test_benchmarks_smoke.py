@@ -143,3 +143,11 @@ def test_delta_norms_equal_peft_delta_weight(tmp_path: Path) -> None:
     assert got["0"]["mean"] == pytest.approx((want["0"] + want["1"]) / 2, rel=1e-5)
     assert main([str(tmp_path / "a"), "--output", str(tmp_path / "n.json")]) == 0
     assert json.loads((tmp_path / "n.json").read_text())[str(tmp_path / "a")] == got
+
+
+def test_generated_doc_blocks_match_the_records() -> None:
+    # README's headline table and docs/benchmarks.md's v0.6 tables are rendered from benchmarks/results/; a record
+    # changed without `python -m benchmarks.docs_report` (or a block edited by hand) fails here.
+    from benchmarks.docs_report import main
+
+    assert main(["--check"]) == 0
