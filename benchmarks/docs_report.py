@@ -117,7 +117,7 @@ def render_file(text: str, blocks: dict[str, str]) -> str:
         pattern = re.compile(rf"(<!-- generated: {re.escape(name)} -->\n).*?(<!-- /generated: {re.escape(name)} -->)", re.S)
         if not pattern.search(text):
             raise ValueError(f"no generated block {name!r}: add '<!-- generated: {name} -->' ... '<!-- /generated: {name} -->'")
-        text = pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
+        text = pattern.sub(lambda m, body=body: m.group(1) + body.rstrip() + "\n" + m.group(2), text)
     return text
 
 
