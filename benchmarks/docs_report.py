@@ -90,13 +90,17 @@ def markdown_of(name: str, what: str) -> Callable[[], str]:
 
 
 def event_cost() -> str:
-    lines = ["| r | library | event (ms, median) | importance (ms) | apply_plan (ms) | record |", "|---|---|---|---|---|---|"]
-    for name, version in (("event_cost_v2.json", "v0.2 (spectrum from λ)"), ("event_cost_v06.json", "v0.6 (ΔW's spectrum)")):
+    lines = [
+        "| r | library | event, CPU ms (median) | importance, CPU ms | apply_plan, CPU ms | record |",
+        "|---|---|---|---|---|---|",
+    ]
+    runs = (("event_cost_v05.json", "v0.5 (sizes \\|λ\\|·‖p‖·‖q‖)"), ("event_cost_v06.json", "v0.6 (ΔW's spectrum)"))
+    for name, version in runs:
         rec = _load(name)
         for res in (rec or {}).get("results", []):
-            b = res["breakdown_ms"]
+            b = res["breakdown_cpu_ms"]
             lines.append(
-                f"| {res['r']} | {version} | {res['event_ms']['median']:.1f} | {b['importance']['median']:.1f} "
+                f"| {res['r']} | {version} | {res['event_cpu_ms']['median']:.1f} | {b['importance']['median']:.1f} "
                 f"| {b['apply_plan']['median']:.1f} | `{name}` |"
             )
     return "\n".join(lines)

@@ -9,7 +9,7 @@ up 4096->14336, down 14336->4096; hidden 4096, intermediate 14336) whose linear 
 `nn.Linear` subclasses without weights, wrapped by the real `get_flexlora_model` on those five targets (160
 matrices) with ``r`` active directions and ``r + capacity_extra`` slots each (21 extra by default: the Δ_T grid
 points of the paper's commonsense schedule, an upper bound on the events). Only the adapter tensors exist
-(``1,769,472 x slots`` floats: 205 MB at r = 8, 375 MB at r = 32). λ is filled with random values (a trained-looking
+(``1,769,472 x slots`` floats: 205 MB at r = 8, 375 MB at r = 32). λ and the active P columns are filled with random values (a trained-looking
 spectrum), every adapter tensor gets a random gradient and one real `torch.optim.AdamW` step creates the state
 (exp_avg, exp_avg_sq) that the event's surgery resets.
 
@@ -110,6 +110,8 @@ def build(r: int, capacity_extra: int, device: torch.device, seed: int = 0) -> t
         for _, layer in fm.flexlora_layers():
             lam = torch.randn(layer.capacity, generator=gen) * 0.05  # varied spectra -> varied importance
             layer.lora_lam.copy_(lam.to(device) * layer.lora_active)
+            r = layer.rank  # P = 0 at a lora_like start: give P trained-looking columns so ΔW has a spectrum
+            layer.lora_P[:, :r] += (torch.randn(layer.out_features, r, generator=gen) * 0.02).to(device)
     for p in params:
         p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device) * (p != 0)
     opt = torch.optim.AdamW(params, lr=3e-4)

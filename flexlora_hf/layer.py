@@ -36,7 +36,7 @@ from torch import nn
 
 from .config import INIT_BASES
 from .directions import gaussian_direction, initial_directions, orthogonalize
-from .spectrum import factored_singular_values, factored_svd
+from .spectrum import factored_svd, gram_singular_values
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class FlexLoRALayer(nn.Module):
         r = self._rank
         P = whole(self.lora_P.detach())[:, :r]  # (out, r)
         Q = whole(self.lora_Q.detach())[:r]  # (r, in)
-        return factored_singular_values(P, whole(self.lora_lam.detach())[:r], Q)  # (r,)
+        return gram_singular_values(P, whole(self.lora_lam.detach())[:r], Q)  # (r,)
 
     # ------------------------------------------------------------------ regulariser
     def orth_reg(self) -> torch.Tensor:

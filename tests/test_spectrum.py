@@ -19,7 +19,7 @@ from torch import nn
 from flexlora_hf import FlexLoRAConfig, ReallocationPlan, get_flexlora_model, spectral_entropy
 from flexlora_hf.events import run_event
 from flexlora_hf.optim_surgery import param_groups
-from flexlora_hf.spectrum import factored_singular_values, factored_svd, truncation_error
+from flexlora_hf.spectrum import factored_singular_values, factored_svd, gram_singular_values, truncation_error
 
 D = 64
 NAMES = ("rank1", "flat8", "geom8", "rank2")
@@ -58,6 +58,11 @@ def test_factored_svd_matches_the_dense_svd(data, out: int, inn: int) -> None:
     torch.testing.assert_close((U * S2) @ Vh, dense, atol=1e-9 * scale, rtol=0)
     torch.testing.assert_close(U.T @ U, torch.eye(r, dtype=torch.float64), atol=1e-9, rtol=0)
     torch.testing.assert_close(Vh @ Vh.T, torch.eye(r, dtype=torch.float64), atol=1e-9, rtol=0)
+    # the fast Gram path of every event: each σ² within ~ε·σ_max² (ε of float32 GEMMs for float32 factors)
+    for dtype, eps in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        S3 = gram_singular_values(P.to(dtype), lam.to(dtype), Q.to(dtype))
+        top = float(S_ref.max()) ** 2 if r else 0.0
+        torch.testing.assert_close(S3.square(), S_ref.square(), atol=eps * (1e-30 + top), rtol=0)
 
 
 class FourMaps(nn.Module):
