@@ -43,8 +43,10 @@ def _decoder_row(name: str, version: str) -> list[str]:
     acc = rec["scores"][f"flexlora_bigbench_{rec['settings']['task']}_recipe"]["acc"]
     flex, lora = acc.get("flexlora", {}), acc.get("lora", {})
     n = flex.get("stats", {}).get("n", 0) if flex else 0
+    m = lora.get("stats", {}).get("n", 0) if lora else 0
+    seeds = f"{n} seeds" if n == m else f"{n} seeds (LoRA {m})"
     return [
-        f"| SmolLM2-135M 4-bit, held-out {rec['settings']['task']} (lm-eval acc), {n} seeds, at LoRA's rate "
+        f"| SmolLM2-135M 4-bit, held-out {rec['settings']['task']} (lm-eval acc), {seeds}, at LoRA's rate "
         f"| {_pm(flex.get('stats'))} | {_pm(lora.get('stats'))} | {version} | `{name}` |"
     ]
 
