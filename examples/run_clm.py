@@ -28,7 +28,7 @@ Example (offline, real model; SmolLM2-135M is a Llama model, the paper adapts Q,
 from __future__ import annotations
 
 # isort: off
-import flexlora_hf  # noqa: F401  -- first: drops bitsandbytes' "pip install kernels" hint (see flexlora_hf/_logging.py)
+import flexlora_hf  # noqa: F401  -- first: mutes bitsandbytes' import-time kernels lookup (flexlora_hf/_logging.py)
 # isort: on
 
 import logging

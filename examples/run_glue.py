@@ -35,7 +35,7 @@ The paper's GLUE recipes (DeBERTaV3-base, Table 8) are in ``examples/glue_recipe
 from __future__ import annotations
 
 # isort: off
-import flexlora_hf  # noqa: F401  -- first: drops bitsandbytes' "pip install kernels" hint (see flexlora_hf/_logging.py)
+import flexlora_hf  # noqa: F401  -- first: mutes bitsandbytes' import-time kernels lookup (flexlora_hf/_logging.py)
 # isort: on
 
 import logging

@@ -44,7 +44,7 @@ Example (the paper's VTAB-1k settings: ``bash examples/vtab/run_vtab1k.sh cifar`
 from __future__ import annotations
 
 # isort: off
-import flexlora_hf  # noqa: F401  -- first: drops bitsandbytes' "pip install kernels" hint (see flexlora_hf/_logging.py)
+import flexlora_hf  # noqa: F401  -- first: mutes bitsandbytes' import-time kernels lookup (flexlora_hf/_logging.py)
 # isort: on
 
 import logging

@@ -34,7 +34,7 @@ flexlora_hf (one flag per `FlexLoRAConfig` field: `--r`, `--target_modules q_pro
 from __future__ import annotations
 
 # isort: off
-import flexlora_hf  # noqa: F401  -- first: drops bitsandbytes' "pip install kernels" hint (see flexlora_hf/_logging.py)
+import flexlora_hf  # noqa: F401  -- first: mutes bitsandbytes' import-time kernels lookup (flexlora_hf/_logging.py)
 # isort: on
 
 import json
