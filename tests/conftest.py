@@ -18,9 +18,11 @@ No test module (``test_*.py``) imports another one. Markers (pyproject.toml): `s
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import transformers
+from helpers import sentences, tiny_bert, tiny_llama
 from hub_stub import local_hub_fixture  # noqa: F401 - registers the `local_hub` fixture for every test module
 
 
@@ -32,3 +34,76 @@ def _restore_logging():
     yield
     transformers.utils.logging.set_verbosity(verbosity)
     logging.getLogger("flexlora_hf").setLevel(level)
+
+
+# ---- the example-script tests' tiny models, saved as HF folders with a tokenizer trained on local text
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A 300-token byte-level BPE tokenizer trained on local text (about a second), saved as an HF folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [text for text, _ in sentences(400)]
+    corpus += Path(transformers.__file__).read_text(encoding="utf-8").splitlines()[:400]
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=128,
+    )
+    out = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    """A random 2-layer BERT sequence classifier (hidden 32, 2 heads, 2 labels) with the tiny tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = tiny_bert(
+        num_labels=2,
+        vocab_size=len(tokenizer),
+        eval_mode=False,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    out = tmp_path_factory.mktemp("tiny_bert")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tokenizer_dir, tmp_path_factory) -> Path:
+    """A random 2-layer Llama causal LM (hidden 32, GQA 4/2 heads) with the tiny tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = tiny_llama(
+        vocab_size=len(tokenizer),
+        eval_mode=False,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    out = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

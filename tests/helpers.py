@@ -8,7 +8,8 @@ Not a test module and not a conftest: import what you need, ``from helpers impor
   ``**config`` overrides any other config field. The defaults are the adapter tests' models (vocabulary of `VOCAB`,
   config-default dropout, returned in eval mode). `trainer_llama` / `trainer_bert` are the Trainer tests' models:
   the synthetic datasets' `DATA_VOCAB`-token vocabulary, no BERT dropout, left in training mode.
-* synthetic token datasets for the Trainer (`lm_dataset`, `cls_dataset`) and `training_args` (short CPU runs).
+* synthetic token datasets for the Trainer (`lm_dataset`, `cls_dataset`) and `training_args` (short CPU runs);
+  `sentences`, labelled toy text for the example-script tests (conftest.py trains their tokenizer on it).
 * adapter helpers: `flex_config` (a small FlexLoRA config), `random_lambda`, `trained` (an adapter whose ranks have
   moved), `inputs` / `logits` (a fixed batch and the model's logits on it), `PNG_SIGNATURE`.
 * `torchrun`: a script under ``torch.distributed.run`` with 2 CPU processes (gloo).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import subprocess
 import sys
 from collections.abc import Callable
@@ -257,3 +259,19 @@ def torchrun(script: str | Path, *args: str, timeout: int = 600) -> subprocess.C
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+# Labelled toy sentences for the example-script tests (their tokenizer is trained on them too).
+POSITIVE = ["good", "great", "fine", "nice", "lovely", "superb"]
+NEGATIVE = ["bad", "awful", "poor", "nasty", "dreadful", "weak"]
+NOUNS = ["film", "meal", "book", "song", "trip", "game", "show", "room"]
+
+
+def sentences(n: int, seed: int = 0) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        word = rng.choice(POSITIVE if label else NEGATIVE)
+        rows.append((f"the {rng.choice(NOUNS)} was {word} and the {rng.choice(NOUNS)} was {rng.choice(NOUNS)}", label))
+    return rows

@@ -18,102 +18,16 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-import transformers
-from helpers import ADAPTER_FILES, EXAMPLES, load_example, tiny_bert, tiny_llama
+from helpers import ADAPTER_FILES, EXAMPLES, load_example
+from helpers import sentences as _sentences
 from transformers import HfArgumentParser, TrainingArguments
 
 from flexlora_hf import FlexLoRAConfig
 from flexlora_hf.arguments import FlexLoRAArguments, parse_max_rank, parse_module_list
 
-POSITIVE = ["good", "great", "fine", "nice", "lovely", "superb"]
-NEGATIVE = ["bad", "awful", "poor", "nasty", "dreadful", "weak"]
-NOUNS = ["film", "meal", "book", "song", "trip", "game", "show", "room"]
-
 
 def load_script(name: str) -> ModuleType:
     return load_example(name)
-
-def _sentences(n: int, seed: int = 0) -> list[tuple[str, int]]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.randint(0, 1)
-        word = rng.choice(POSITIVE if label else NEGATIVE)
-        rows.append((f"the {rng.choice(NOUNS)} was {word} and the {rng.choice(NOUNS)} was {rng.choice(NOUNS)}", label))
-    return rows
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """A 300-token byte-level BPE tokenizer trained on local text (about a second), saved as an HF folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = [text for text, _ in _sentences(400)]
-    corpus += Path(transformers.__file__).read_text(encoding="utf-8").splitlines()[:400]
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        bos_token="<s>",
-        eos_token="</s>",
-        model_max_length=128,
-    )
-    out = tmp_path_factory.mktemp("tokenizer")
-    fast.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tokenizer_dir, tmp_path_factory) -> Path:
-    """A random 2-layer BERT sequence classifier (hidden 32, 2 heads, 2 labels) with the tiny tokenizer."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model = tiny_bert(
-        num_labels=2,
-        vocab_size=len(tokenizer),
-        eval_mode=False,
-        num_attention_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    out = tmp_path_factory.mktemp("tiny_bert")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tokenizer_dir, tmp_path_factory) -> Path:
-    """A random 2-layer Llama causal LM (hidden 32, GQA 4/2 heads) with the tiny tokenizer."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model = tiny_llama(
-        vocab_size=len(tokenizer),
-        eval_mode=False,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    out = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
 
 def _write_csv(path: Path, rows: list[tuple[str, int]]) -> Path:
     with path.open("w", newline="", encoding="utf-8") as f:

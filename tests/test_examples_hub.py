@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
-import transformers
 import yaml
-from helpers import ADAPTER_FILES, load_example, tiny_bert, tiny_llama
+from helpers import ADAPTER_FILES, load_example, sentences
 from hub_stub import LocalHub
 from huggingface_hub import HfApi
 from peft import AutoPeftModelForSequenceClassification, PeftModel
@@ -28,85 +26,12 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from flexlora_hf import FlexLoRAModel
 
 TOKEN = "hf_test_token"  # the `local_hub` fixture's user "tester"
-WORDS = {1: ["good", "great", "fine", "nice", "lovely"], 0: ["bad", "awful", "poor", "nasty", "weak"]}
-NOUNS = ["film", "meal", "book", "song", "trip", "game"]
 # Events on the Δ_T = 2 grid in (2, 12 - 2], within the runs' 12 optimizer steps.
 SCHEDULE = ["--r", "4", "--lora_alpha", "8", "--b0", "2", "--t_warmup", "2", "--t_final", "2", "--delta_t", "2"]
 TRAINING = ["--max_steps", "12", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16"]
 TRAINING += ["--learning_rate", "5e-3", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"]
 TRAINING += ["--dataloader_pin_memory", "false", "--do_train", "--do_eval"]
 HUB = ["--push_to_hub", "--hub_token", TOKEN]
-
-
-def sentences(n: int, seed: int) -> list[tuple[str, int]]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.randint(0, 1)
-        rows.append((f"the {rng.choice(NOUNS)} was {rng.choice(WORDS[label])} and {rng.choice(NOUNS)}", label))
-    return rows
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """A 300-token byte-level BPE tokenizer trained on local text (about a second), saved as an HF folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = [text for text, _ in sentences(400, seed=0)]
-    corpus += Path(transformers.__file__).read_text(encoding="utf-8").splitlines()[:400]
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        bos_token="<s>",
-        eos_token="</s>",
-        model_max_length=128,
-    )
-    out = tmp_path_factory.mktemp("tokenizer")
-    fast.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tokenizer_dir, tmp_path_factory) -> Path:
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model = tiny_bert(
-        num_labels=2,
-        vocab_size=len(tokenizer),
-        eval_mode=False,
-        num_attention_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    out = tmp_path_factory.mktemp("tiny_bert")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tokenizer_dir, tmp_path_factory) -> Path:
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids = dict(
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
-    )
-    model = tiny_llama(vocab_size=len(tokenizer), eval_mode=False, max_position_embeddings=128, **ids)
-    out = tmp_path_factory.mktemp("tiny_llama")
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def upload_base(folder: Path, repo_id: str) -> str:
@@ -144,8 +69,8 @@ def assert_pushed_adapter(hub: LocalHub, repo_id: str, out: Path, base_id: str) 
     return meta, card
 
 
-def test_run_glue_push_to_hub(local_hub: LocalHub, bert_dir, tmp_path):
-    base_id = upload_base(bert_dir, "tester/tiny-bert")
+def test_run_glue_push_to_hub(local_hub: LocalHub, tiny_bert_dir, tmp_path):
+    base_id = upload_base(tiny_bert_dir, "tester/tiny-bert")
     rows = sentences(96, seed=1)
     for name, part in (("train", rows[:64]), ("dev", rows[64:])):
         with (tmp_path / f"{name}.csv").open("w", newline="", encoding="utf-8") as f:
@@ -178,8 +103,8 @@ def test_run_glue_push_to_hub(local_hub: LocalHub, bert_dir, tmp_path):
         torch.testing.assert_close(peft_model(**batch).logits, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_run_clm_push_to_hub(local_hub: LocalHub, llama_dir, tmp_path):
-    base_id = upload_base(llama_dir, "tester/tiny-llama")
+def test_run_clm_push_to_hub(local_hub: LocalHub, tiny_llama_dir, tmp_path):
+    base_id = upload_base(tiny_llama_dir, "tester/tiny-llama")
     lines = [text for text, _ in sentences(300, seed=2)]
     (tmp_path / "train.txt").write_text("\n".join(lines[:260]) + "\n")
     (tmp_path / "valid.txt").write_text("\n".join(lines[260:]) + "\n")
