@@ -11,8 +11,8 @@ The three lines a custom loop needs, in PEFT AdaLoRA's vocabulary, are marked ``
    optimizer steps; it runs the scheduled reallocation event (or nothing) exactly as ``FlexLoRACallback`` does,
    resetting the optimizer moments of the touched directions in place.
 
-Build the optimizer from ``flexlora_hf.optim_surgery.param_groups``: λ gets its own groups (``lam_lr_rule``, never
-weight decay), as ``FlexLoRATrainer`` does.
+Build the optimizer from ``flexlora_hf.optim_surgery.param_groups``: λ gets its own group (never weight decay), as
+``FlexLoRATrainer`` does.
 
 Example (offline, real model; a text file with one document per line)::
 
@@ -41,8 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from flexlora_hf import FlexLoRAConfig, FlexLoRAModel, align_to_gradient, get_flexlora_model
-from flexlora_hf.gradient_init import is_fresh
+from flexlora_hf import FlexLoRAConfig, FlexLoRAModel, get_flexlora_model
 from flexlora_hf.optim_surgery import param_groups
 
 logger = logging.getLogger("accelerate_loop")
@@ -71,8 +70,7 @@ def train_loop(
     """
     flex = model
     gamma = flex.flexlora_config.orth_reg_weight
-    # FlexLoRA: λ in its own groups (lam_lr_rule x lam_lr_ratio, no weight decay) and P, Q at basis_lr_ratio x the
-    # rate, the same groups FlexLoRATrainer builds
+    # FlexLoRA: λ in its own group without weight decay, as FlexLoRATrainer does
     groups = param_groups(flex, learning_rate, weight_decay)
     optimizer: Any = torch.optim.AdamW(groups, lr=learning_rate)
     train_model: nn.Module = flex
@@ -80,9 +78,6 @@ def train_loop(
         train_model, optimizer = accelerator.prepare(flex, optimizer)
     train_model.train()
     data = _cycle(batches)
-    if flex.flexlora_config.init_from_gradient and is_fresh(flex):  # FlexLoRA (opt-in): basis from the gradient
-        first = next(iter(batches))
-        align_to_gradient(flex, lambda: train_model(**first).loss)
     for step in range(1, max_steps + 1):
         batch = next(data)
         loss = train_model(**batch).loss
@@ -120,7 +115,6 @@ def main(argv: list[str] | None = None) -> FlexLoRAModel:
     parser.add_argument("--lora_r", "--r", dest="r", type=int, default=8, help="Initial rank (--lora_r under torchrun, which takes --r for its own).")
     parser.add_argument("--target_modules", default="q_proj,k_proj,v_proj,up_proj,down_proj")
     parser.add_argument("--fsdp2", action="store_true", help="Shard with FSDP2 fully_shard (launch with torchrun).")
-    parser.add_argument("--init_from_gradient", action="store_true", help="Basis from the first batch's gradient.")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
@@ -146,8 +140,6 @@ def main(argv: list[str] | None = None) -> FlexLoRAModel:
         t_final=third,
         delta_t=max(1, third // 2),
         total_steps=args.max_steps,
-        init_from_gradient=args.init_from_gradient,
-        init_basis="orthonormal" if args.init_from_gradient else "lora_like",  # the alignment rotates an orthonormal basis
     )
     model = get_flexlora_model(base, config)
     if args.fsdp2:

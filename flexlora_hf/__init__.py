@@ -28,7 +28,6 @@ _EXPORTS: dict[str, str] = {
     "FlexLoRATrainer": "trainer",
     "FlexLoRATrainerMixin": "trainer",
     "ReallocationPlan": "allocation",
-    "align_to_gradient": "gradient_init",
     "budget_at": "schedule",
     "build_model_card": "model_card",
     "event_steps": "schedule",
@@ -67,7 +66,6 @@ __all__ = [
     "FlexLoRATrainer",
     "FlexLoRATrainerMixin",
     "ReallocationPlan",
-    "align_to_gradient",
     "budget_at",
     "build_model_card",
     "event_steps",
@@ -112,7 +110,6 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .evaluation import evaluate_adapter as evaluate_adapter
     from .evaluation import prepare_bigbench_eval_data as prepare_bigbench_eval_data
     from .evaluation import results_table as results_table
-    from .gradient_init import align_to_gradient
     from .hub import push_to_hub
     from .integrations.trl import FlexLoRASFTTrainer
     from .io.native import load_adapter_into

@@ -19,8 +19,6 @@ ALLOCATIONS = ("bidirectional", "prune_only", "expand_only")
 EXPANSION_INITS = ("zero_impact", "small", "zero", "orthogonal")
 SCHEDULES = ("paper", "window", "constant")
 INIT_BASES = ("orthonormal", "gaussian", "lora_like")
-ADAM_RESETS = ("slot_age", "shared_step")
-LAM_LR_RULES = ("lora_matched", "constant")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -17,13 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .choices import (  # noqa: F401 -- also re-exported: their historical home
-    ADAM_RESETS,
     ALLOCATIONS,
     CONTROL_METRICS,
     EXPANSION_INITS,
     IMPORTANCE_METRICS,
     INIT_BASES,
-    LAM_LR_RULES,
     REGEX_PREFIX,
     SCHEDULES,
     _check_choice,
@@ -46,14 +44,43 @@ _INTEGER_FIELDS = (
     ("total_steps", 1, "or None to take the Trainer's max_steps"),
     ("seed", None, "e.g. seed=0"),
 )
-_REAL_FIELDS = (
-    "lora_alpha", "lora_dropout", "orth_reg_weight", "lam_lr_ratio", "basis_lr_ratio", "init_scale", "small_init_value",
-    "entropy_eps",
-)
+_REAL_FIELDS = ("lora_alpha", "lora_dropout", "orth_reg_weight")
+# Fields a config no longer has -> the behaviour that replaced each (switches that measured as no-ops or losers,
+# folded into the one behaviour kept; docs/design.md "Folded switches"). Saved configs that name them still load.
+REMOVED_FIELDS: dict[str, Any] = {
+    "init_from_gradient": False,  # gradient-aligned start: measured no gain
+    "basis_lr_ratio": 1.0,  # P and Q at the optimizer's rate (the paper's single rate)
+    "lam_lr_rule": "constant",  # λ at the optimizer's rate
+    "lam_lr_ratio": 1.0,
+    "init_scale": 0.02,  # std of the gaussian basis: AdaLoRA's
+    "small_init_value": 1e-3,  # λ of a new direction under expansion_init="small"
+    "entropy_eps": 1e-12,  # ε of eq. 3
+    "min_rank": 1,  # no matrix is pruned below rank 1 (the paper)
+    "adam_reset": "slot_age",  # each new direction is bias-corrected by its own age
+}
+_REMOVED_WARNED: set[tuple[str, str]] = set()
 # (b0, allocation, n_modules) combinations already warned about: one warning per configuration, not per event or
 # per call (`get_flexlora_model` and the Trainer's start both validate the same budget).
 _CLAMP_WARNED: set[tuple[int, str, int]] = set()
 
+
+
+def _log_removed(removed: dict[str, Any]) -> None:
+    """One log line per distinct set of removed keys: info if each held the kept behaviour, else a warning."""
+    changed = {k: v for k, v in removed.items() if v != REMOVED_FIELDS[k]}
+    key = (",".join(sorted(removed)), repr(sorted(changed.items())))
+    if key in _REMOVED_WARNED:
+        return
+    _REMOVED_WARNED.add(key)
+    if not changed:
+        logger.info("FlexLoRAConfig: ignoring removed field(s) %s; they held the behaviour kept.", ", ".join(removed))
+        return
+    logger.warning(
+        "FlexLoRAConfig: ignoring removed field(s) %s. The saved adapter loads unchanged, but continued training "
+        "differs from the run that saved it: %s.",
+        ", ".join(removed),
+        "; ".join(f"{k}={v!r} is now {REMOVED_FIELDS[k]!r}" for k, v in changed.items()),
+    )
 
 
 @dataclass
@@ -119,9 +146,6 @@ class FlexLoRAConfig:
             "GLUE setting)."
         },
     )
-    min_rank: int = field(
-        default=1, metadata={"help": "A matrix is never pruned below this rank (paper: 1). 0 allows dropping a module."}
-    )
     max_rank: int | None = field(
         default=None,
         metadata={
@@ -170,51 +194,10 @@ class FlexLoRAConfig:
         metadata={
             "help": "Initial directions (the paper specifies none; ΔW = 0 with each): 'lora_like' (P = 0, "
             "λ = 1/sqrt(3), Q orthonormal: PEFT LoRA's B = 0 / A start, P learns from step one), 'orthonormal' "
-            "(λ = 0, P, Q orthonormal: zero impact through λ) or 'gaussian' (λ = 0, P, Q ~ N(0, init_scale²): "
+            "(λ = 0, P, Q orthonormal: zero impact through λ) or 'gaussian' (λ = 0, P, Q ~ N(0, 0.02²): "
             "AdaLoRA's). New directions: λ = 0."
         },
     )
-    init_from_gradient: bool = field(
-        default=False,
-        metadata={
-            "help": "Rotate the orthonormal basis onto the first batch's weight-gradient singular vectors before "
-            "step 1 (2 extra passes; λ stays 0, zero impact holds; gradient_init.py). Needs init_basis='orthonormal'."
-        },
-    )
-    init_scale: float = field(
-        default=0.02, metadata={"help": "Std of the Gaussian P, Q when init_basis='gaussian' (AdaLoRA: 0.02)."}
-    )
-    lam_lr_rule: str = field(
-        default="constant",
-        metadata={
-            "help": "λ's learning rate (own param groups, no weight decay): 'constant' is lr * lam_lr_ratio; "
-            "'lora_matched' (for the orthonormal basis) lr * lam_lr_ratio * sqrt(d_out / 3) per matrix "
-            "(optim_surgery.py)."
-        },
-    )
-    lam_lr_ratio: float = field(
-        default=1.0,
-        metadata={"help": "Multiplier of λ's rate (lam_lr_rule); the paper's single rate: 'constant' with 1.0."},
-    )
-    basis_lr_ratio: float = field(
-        default=1.0,
-        metadata={
-            "help": "Learning rate of P and Q (the directions) over the optimizer's, in their own "
-            "param group with the usual weight decay (optim_surgery.py); 1.0 is the paper's single rate."
-        },
-    )
-    adam_reset: str = field(
-        default="slot_age",
-        metadata={
-            "help": "Adam state of a pruned/new direction: 'slot_age' zeroes its moments and bias-corrects its updates "
-            "by its own age (steps as under a fresh Adam); 'shared_step' only zeroes the moments (the tensor's step "
-            "counter stays, so a new direction's first updates are ~3x lr)."
-        },
-    )
-    small_init_value: float = field(
-        default=1e-3, metadata={"help": "λ given to a new direction when expansion_init='small'."}
-    )
-    entropy_eps: float = field(default=1e-12, metadata={"help": "ε inside log(s_i + ε) of eq. 3."})
     seed: int = field(default=0, metadata={"help": "Seed for initial directions and for every expansion draw."})
 
     def __post_init__(self) -> None:
@@ -232,7 +215,7 @@ class FlexLoRAConfig:
     def validate(self, n_modules: int | None = None) -> None:
         """Check every field; with `n_modules` also check the budget against the number of adapted matrices.
 
-        Integer fields (`r`, `b0`, `t_warmup`, `t_final`, `delta_t`, `total_steps`, `min_rank`, `max_rank` caps,
+        Integer fields (`r`, `b0`, `t_warmup`, `t_final`, `delta_t`, `total_steps`, `max_rank` caps,
         `seed`) must be integers: `True` or `100.0` (e.g. from a hand-edited JSON file) are refused, since a float
         `delta_t` breaks the event grid. With `n_modules`, a `b0` larger than the moves one event can make
         (⌊n/2⌋ prune/expand pairs for `bidirectional`, n otherwise) is clamped, as the paper does (§4.2): the
@@ -263,9 +246,6 @@ class FlexLoRAConfig:
             )
         if self.orth_reg_weight < 0:
             raise ValueError(f"FlexLoRAConfig.orth_reg_weight={self.orth_reg_weight!r} must be >= 0.")
-        _check_integer("min_rank", self.min_rank, 0, f"and <= r={self.r}; the paper uses 1")
-        if self.min_rank > self.r:
-            raise ValueError(f"FlexLoRAConfig.min_rank={self.min_rank!r} must be an integer in [0, r={self.r}].")
         caps = self.max_rank.items() if isinstance(self.max_rank, Mapping) else [("", self.max_rank)]
         for key, cap in caps:
             if not isinstance(key, str):
@@ -277,20 +257,6 @@ class FlexLoRAConfig:
         _check_choice("expansion_init", self.expansion_init, EXPANSION_INITS)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("init_basis", self.init_basis, INIT_BASES)
-        _check_choice("adam_reset", self.adam_reset, ADAM_RESETS)
-        _check_choice("lam_lr_rule", self.lam_lr_rule, LAM_LR_RULES)
-        if self.init_from_gradient and self.init_basis != "orthonormal":
-            raise ValueError(f"FlexLoRAConfig.init_from_gradient=True rotates an orthonormal basis: also pass "
-                             f"init_basis='orthonormal' (got {self.init_basis!r}).")
-        for name in ("lam_lr_ratio", "basis_lr_ratio"):
-            if not getattr(self, name) > 0:
-                raise ValueError(
-                    f"FlexLoRAConfig.{name}={getattr(self, name)!r} must be > 0 (1.0: the optimizer's rate)."
-                )
-        if self.init_scale <= 0:
-            raise ValueError(f"FlexLoRAConfig.init_scale={self.init_scale!r} must be > 0.")
-        if self.entropy_eps < 0:
-            raise ValueError(f"FlexLoRAConfig.entropy_eps={self.entropy_eps!r} must be >= 0.")
         for name in ("target_modules", "modules_to_save"):
             value = getattr(self, name)
             names_ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
@@ -360,8 +326,17 @@ class FlexLoRAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FlexLoRAConfig:
-        """Build a config from `to_dict()` output; unknown keys raise so typos are not silently ignored."""
+        """Build a config from `to_dict()` output; unknown keys raise so typos are not silently ignored.
+
+        Keys of fields the config no longer has ([`REMOVED_FIELDS`], from older adapter folders and checkpoints) are
+        dropped, with one log line per set of keys; a value other than the behaviour that replaced it is a warning,
+        since continued training then differs from the run that wrote it (the saved weights load unchanged).
+        """
         names = {f.name for f in dataclasses.fields(cls)}
+        removed = {k: data[k] for k in REMOVED_FIELDS if k in data}
+        if removed:
+            data = {k: v for k, v in data.items() if k not in removed}
+            _log_removed(removed)
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(

@@ -44,7 +44,6 @@ def run_event(model: FlexLoRAModel, b: int, step: int, optimizer: Any = None) ->
         scores,
         model.rank_map(),
         b,
-        min_rank=cfg.min_rank,
         max_rank=model.rank_caps(),
         allocation=cfg.allocation,
         protected=protected,

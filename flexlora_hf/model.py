@@ -73,7 +73,6 @@ class FlexLoRAModel(nn.Module):
                 capacity=resolve_capacity(config, name, d_in, d_out),
                 lora_alpha=config.lora_alpha,
                 lora_dropout=config.lora_dropout,
-                init_scale=config.init_scale,
                 init_basis=config.init_basis,
                 generator=gen,
             )
@@ -85,7 +84,6 @@ class FlexLoRAModel(nn.Module):
         self._names = names
         self._layer_cache: list[tuple[str, FlexLoRALayer]] = [(n, model.get_submodule(n)) for n in names]  # type: ignore[misc]
         self._orth_in_forward = False  # FSDP2: eq. 2 computed inside each layer's forward (sharding.py)
-        self.gradient_aligned = False  # set by gradient_init.align_to_gradient (init_from_gradient)
         # Trainer reads the *class*'s forward signature (label names, dataset columns, loss kwargs): specialise the
         # class per base architecture so that signature is the base model's.
         self.__class__ = _specialised_class(type(model))  # type: ignore[assignment,arg-type]
@@ -141,7 +139,7 @@ class FlexLoRAModel(nn.Module):
         mask = torch.arange(R, device=dev)[None, :] < ranks[:, None]  # (M, R): active prefixes
         cfg = self.flexlora_config
         metric = metric or (cfg.importance if cfg.importance != "random" else "entropy")  # a control has no metric
-        scores = importance_batched(sigma, mask, metric=metric, eps=cfg.entropy_eps)  # (M,)
+        scores = importance_batched(sigma, mask, metric=metric)  # (M,)
         values = scores.tolist()  # one host sync for all modules
         return {name: float(v) for (name, _), v in zip(layers, values, strict=True)}
 
@@ -224,22 +222,22 @@ class FlexLoRAModel(nn.Module):
                 if cfg.svd_prune:  # every direction was rotated: its moments no longer match it, so all restart
                     touched[name] = list(range(rank_before))
                     resets[name] = list(range(rank_before))
-                    if cfg.adam_reset == "slot_age":  # and each restarts its own Adam bias correction
-                        layers[name].slot_birth = {s: step for s in range(rank_before - 1)}
+                    # and each restarts its own Adam bias correction
+                    layers[name].slot_birth = {s: step for s in range(rank_before - 1)}
                 elif moved_from is None:
                     resets.setdefault(name, []).append(slot)
                 else:  # the last active direction now fills the hole; its old slot is free (and zeroed by the move)
                     moves.append((layers[name], moved_from, slot))
                     touched[name].append(moved_from)
             for name in plan.expand:  # fixed order -> the same draws on every process
-                birth = step if cfg.adam_reset == "slot_age" else None  # young slots: their own Adam bias correction
-                slot = layers[name].expand(gen, init=cfg.expansion_init, small_value=cfg.small_init_value, step=birth)
+                # a young slot gets its own Adam bias correction (slot_age.py)
+                slot = layers[name].expand(gen, init=cfg.expansion_init, step=step)
                 touched.setdefault(name, []).append(slot)
                 resets.setdefault(name, []).append(slot)
             if optimizer is not None and touched:
                 move_slots(optimizer, moves)
                 reset_slots(optimizer, [(layers[n], slots) for n, slots in resets.items()])
-        if optimizer is not None and touched and cfg.adam_reset == "slot_age":
+        if optimizer is not None and touched:
             SlotAgeCorrection.attach(optimizer, step, layers.values())
         return touched
 
@@ -267,11 +265,10 @@ class FlexLoRAModel(nn.Module):
         return update_and_allocate(self, global_step, optimizer)
 
     def attach_optimizer(self, optimizer: Any, global_step: int = 0) -> None:
-        """Hook the per-direction Adam correction (`adam_reset="slot_age"`) of the directions still young at
+        """Hook the per-direction Adam correction (`slot_age.py`) of the directions still young at
         `global_step` onto `optimizer`. Custom loops call it once when they resume (after loading the adapter and the
         optimizer state; `FlexLoRATrainer` does it at train start); events attach it themselves."""
-        if self.flexlora_config.adam_reset == "slot_age":
-            SlotAgeCorrection.attach(optimizer, global_step, [layer for _, layer in self.flexlora_layers()])
+        SlotAgeCorrection.attach(optimizer, global_step, [layer for _, layer in self.flexlora_layers()])
 
     def to_lora_config(self, *, alpha_policy: str = "constant_scale", **kwargs: Any) -> Any:
         """A `peft.LoraConfig` with this model's rank allocation, to train a plain LoRA with FlexLoRA's ranks;

@@ -9,20 +9,12 @@ other moment is bit-identical before and after an event.
 What a reset slice does to Adam's bias correction: torch's AdamW (and bitsandbytes' 32-bit optimizers) keep one step
 counter per parameter *tensor*, not per slice, and we leave it alone (resetting it would disturb every other slice).
 A reset slice therefore starts with m = v = 0 but with the tensor's large step count, i.e. without bias correction:
-its updates are up to ~3-7x lr for hundreds of steps. `adam_reset="slot_age"` (default) corrects each new direction
-by its own age (`slot_age.py`); `"shared_step"` leaves it (the previous behaviour).
+its updates would be up to ~3-7x lr for hundreds of steps, so each new direction is bias-corrected by its own age
+(`slot_age.py`; the reference code leaves it).
 
-λ's param groups: λ gets its own learning rate (and never weight decay), as LoRA+ gives B its own. Under
-`lam_lr_rule="lora_matched"` (default) λ's rate in a matrix with `out` output features is `lr * lam_lr_ratio *
-sqrt(out / 3)`: one Adam step of λ_i then moves ΔW as far as one Adam step of a LoRA B column does (out entries of
-±lr against a Kaiming-uniform A row of norm 1/sqrt(3)), so the adapter's speed per matrix follows LoRA's. Matrices
-of equal `out` share a group. [`split_adapter_groups`] does it to an optimizer the Trainer built, [`param_groups`]
-builds the groups for a custom loop.
-
-P's and Q's rate (`basis_lr_ratio`, opt-in; default 1.0, the paper's single rate), as LoRA+ gives B its own: with
-unit-norm directions a LoRA-sized ΔW lives in λ, and under Adam a direction turns by about lr * sqrt(d) per step
-whatever λ is, while LoRA's A row (norm 1/sqrt(3)) turns sqrt(3) times faster at the same lr. Measured on the decoder
-check, 2x moved which seeds learn late instead of removing the delay, so it is not the default (docs/benchmarks.md).
+λ's param group: λ trains at the optimizer's rate (the paper's single rate) but never with weight decay (a decayed λ
+would shrink ΔW's singular values towards 0, which eq. 3 would read as a spectrum). [`param_groups`] builds the
+groups for a custom loop; `FlexLoRATrainer` keeps λ out of its decay group.
 
 Supported: torch AdamW/Adam (single-tensor, foreach and fused), SGD with momentum, and any optimizer whose per-param
 state tensors have the parameter's shape and a float dtype (bitsandbytes 32-bit and paged 32-bit AdamW). Refused with
@@ -32,14 +24,12 @@ is not zeroing the moment) and factored states (Adafactor).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import nn
 
-from .config import LAM_LR_RULES
 from .layer import FlexLoRALayer
 
 LAMBDA_PARAM = "lora_lam"
@@ -63,99 +53,27 @@ def lambda_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if p.requires_grad and n.rsplit(".", 1)[-1] == LAMBDA_PARAM]
 
 
-def lam_lr_multiplier(out_features: int, lam_lr_ratio: float, lam_lr_rule: str) -> float:
-    """λ's learning rate over the optimizer's for a matrix with `out_features` outputs (see the module docstring)."""
-    if lam_lr_rule == "constant":
-        return float(lam_lr_ratio)
-    if lam_lr_rule == "lora_matched":
-        # LoRA's B column step: sqrt(out) * |a_i| = 1/sqrt(3)
-        return float(lam_lr_ratio) * math.sqrt(out_features / 3.0)
-    raise ValueError(f"lam_lr_rule={lam_lr_rule!r} is not supported; choose one of {', '.join(LAM_LR_RULES)}.")
+def lambda_groups(model: nn.Module, lr: float) -> list[dict]:
+    """λ's param group (no weight decay, rate `lr`), empty if the model has no trainable λ."""
+    lam = [m.lora_lam for m in model.modules() if isinstance(m, FlexLoRALayer) and m.lora_lam.requires_grad]
+    return [{"params": lam, "weight_decay": 0.0, "lr": lr}] if lam else []
 
 
-def lambda_groups(
-    model: nn.Module, lr: float, lam_lr_ratio: float | None = None, lam_lr_rule: str | None = None
-) -> list[dict]:
-    """λ's param groups (no weight decay), one per distinct rate, in model order. `lam_lr_ratio` / `lam_lr_rule`
-    default to the model's `flexlora_config` (or 1.0 / "constant" for a bare module)."""
-    config = getattr(model, "flexlora_config", None)
-    ratio = lam_lr_ratio if lam_lr_ratio is not None else getattr(config, "lam_lr_ratio", 1.0)
-    rule = lam_lr_rule if lam_lr_rule is not None else getattr(config, "lam_lr_rule", "constant")
-    by_rate: dict[float, list[nn.Parameter]] = {}
-    for layer in model.modules():
-        if isinstance(layer, FlexLoRALayer) and layer.lora_lam.requires_grad:
-            by_rate.setdefault(lam_lr_multiplier(layer.out_features, ratio, rule), []).append(layer.lora_lam)
-    return [{"params": ps, "weight_decay": 0.0, "lr": lr * m} for m, ps in by_rate.items()]
-
-
-def basis_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable P and Q of every adapted matrix (the directions), in model order."""
-    return [t for m in model.modules() if isinstance(m, FlexLoRALayer) for t in (m.lora_P, m.lora_Q) if t.requires_grad]
-
-
-def _basis_ratio(model: nn.Module, basis_lr_ratio: float | None) -> float:
-    config = getattr(model, "flexlora_config", None)
-    return float(basis_lr_ratio if basis_lr_ratio is not None else getattr(config, "basis_lr_ratio", 1.0))
-
-
-def needs_own_groups(config: Any) -> bool:
-    """Whether a config asks for rates other than the optimizer's (then the Trainer splits its groups)."""
-    return config.lam_lr_ratio != 1.0 or config.lam_lr_rule != "constant" or config.basis_lr_ratio != 1.0
-
-
-def param_groups(
-    model: nn.Module, lr: float, weight_decay: float = 0.0, lam_lr_ratio: float | None = None,
-    lam_lr_rule: str | None = None, basis_lr_ratio: float | None = None,
-) -> list[dict]:
-    """Optimizer param groups for a custom loop: decayed weights, undecayed biases / norms, λ's groups
-    ([`lambda_groups`]) and, when `basis_lr_ratio` != 1, P and Q at `lr * basis_lr_ratio` (decayed like any weight).
-    Same rules as `FlexLoRATrainer`; unset arguments come from the model's `flexlora_config`."""
-    lam_groups = lambda_groups(model, lr, lam_lr_ratio, lam_lr_rule)
+def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0) -> list[dict]:
+    """Optimizer param groups for a custom loop: decayed weights (P and Q among them), undecayed biases and norms,
+    and λ's undecayed group ([`lambda_groups`]). The same rules as `FlexLoRATrainer`'s optimizer."""
+    lam_groups = lambda_groups(model, lr)
     lam = {id(p) for g in lam_groups for p in g["params"]}
-    basis_ratio = _basis_ratio(model, basis_lr_ratio)
-    basis = {id(p) for p in basis_parameters(model)} if basis_ratio != 1.0 else set()
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
-    directions: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in lam:
-            if id(p) in basis:
-                directions.append(p)
-            else:
-                (no_decay if name.endswith("bias") or "norm" in name.lower() else decay).append(p)
+            (no_decay if name.endswith("bias") or "norm" in name.lower() else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": weight_decay, "lr": lr},
         {"params": no_decay, "weight_decay": 0.0, "lr": lr},
-        {"params": directions, "weight_decay": weight_decay, "lr": lr * basis_ratio},
     ]
     return [g for g in groups + lam_groups if g["params"]]
-
-
-def split_adapter_groups(optimizer: Any, model: nn.Module, lr: float) -> None:
-    """Give the adapter its own rates in an optimizer the Trainer built: every λ moves into λ's groups
-    ([`lambda_groups`] at base rate `lr`, no weight decay), and with `basis_lr_ratio` != 1 the P and Q of each
-    group move into a copy of that group (same weight decay) at `basis_lr_ratio` times its rate.
-
-    Call it right after the optimizer is built, before the LR scheduler exists (schedulers record each group's
-    initial rate, so the ratios are kept along the schedule). The group layout is the same on every run, so
-    `optimizer.pt` resumes.
-    """
-    opt = unwrap_optimizer(optimizer)
-    lam_groups = lambda_groups(model, lr)
-    ids = {id(p) for g in lam_groups for p in g["params"]}
-    if not ids or any(opt.state.get(p) for g in lam_groups for p in g["params"]):
-        raise RuntimeError("split_adapter_groups: call it on a fresh optimizer (before any step) that holds λ.")
-    basis_ratio = _basis_ratio(model, None)
-    basis = {id(p) for p in basis_parameters(model)} if basis_ratio != 1.0 else set()
-    basis_groups = []
-    for group in opt.param_groups:
-        moved = [p for p in group["params"] if id(p) in basis]
-        group["params"] = [p for p in group["params"] if id(p) not in ids and id(p) not in basis]
-        if moved:
-            settings = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-            basis_groups.append({**settings, "params": moved, "lr": group["lr"] * basis_ratio})
-    for group in basis_groups + lam_groups:
-        opt.add_param_group(group)
 
 
 def _slot_views(layer: FlexLoRALayer) -> list[tuple[torch.nn.Parameter, int]]:

@@ -1,4 +1,4 @@
-"""Per-direction Adam bias correction for directions that start mid-training (`adam_reset="slot_age"`).
+"""Per-direction Adam bias correction for directions that start mid-training (the reference code has none).
 
 Why: torch's AdamW keeps one step counter per parameter *tensor*. A direction activated at step t_e gets zeroed
 moments (`optim_surgery.reset_slots`) but inherits the tensor's large counter, so Adam applies no bias correction to

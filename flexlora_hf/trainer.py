@@ -34,15 +34,12 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from .config import FlexLoRAConfig
 from .events import event_logs, update_and_allocate, validate_schedule
-from .gradient_init import align_to_gradient, is_fresh
 from .io.history import write_rank_history
 from .model import FlexLoRAModel, get_flexlora_model
 from .optim_surgery import (
     check_optimizer_holds_adapter,
     check_optimizer_supported,
     check_state_layout,
-    needs_own_groups,
-    split_adapter_groups,
     unwrap_optimizer,
 )
 from .trainer_card import TrainerCardMixin
@@ -101,10 +98,6 @@ class FlexLoRACallback(TrainerCallback):
             )
         check_distributed_engine(args)
         validate_schedule(cfg, n_modules=len(fm.module_names))
-        if not self.with_mixin and cfg.init_from_gradient:
-            logger.warning(
-                "init_from_gradient is performed by FlexLoRATrainerMixin; without it the basis stays random."
-            )
         if not self.with_mixin and cfg.orth_reg_weight > 0:
             logger.warning(
                 "FlexLoRACallback is used without FlexLoRATrainerMixin, so the orthogonality term of eq. 2 "
@@ -171,16 +164,6 @@ def check_distributed_engine(args: TrainingArguments, trainer: Any = None) -> No
         )
 
 
-def _lambda_shares_a_group(optimizer: Any, fm: FlexLoRAModel) -> bool:
-    """Whether some λ sits in a param group with other tensors (it then has no rate of its own)."""
-    lam = {id(layer.lora_lam) for _, layer in fm.flexlora_layers()}
-    for group in unwrap_optimizer(optimizer).param_groups:
-        kinds = {id(p) in lam for p in group["params"]}
-        if kinds == {True, False}:
-            return True
-    return False
-
-
 class FlexLoRATrainerMixin(TrainerRestartMixin, TrainerCardMixin):
     """Adds FlexLoRA to a `Trainer` subclass: wrapping, orthogonality loss, logging, saving, and (from its bases)
     resume and restarts (`trainer_restart.py`), the model card and Hub push (`trainer_card.py`).
@@ -217,7 +200,6 @@ class FlexLoRATrainerMixin(TrainerRestartMixin, TrainerCardMixin):
         # The orthogonality value for logging is summed on the device and read when the Trainer logs: reading it
         # every micro-batch (float(...)) would add a host sync to every step.
         self._orth_sum: torch.Tensor | None = None
-        self._alignment_decided = False  # init_from_gradient: checked at the first training step
         self._orth_count = 0
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
         if targs is not None and targs.ddp_find_unused_parameters is None and not targs.gradient_checkpointing:
@@ -254,19 +236,8 @@ class FlexLoRATrainerMixin(TrainerRestartMixin, TrainerCardMixin):
             fm.finalize_capacity(self.state.max_steps)  # type: ignore[attr-defined]
         fresh = getattr(self, "optimizer", None) is None
         optimizer = super().create_optimizer(model)  # type: ignore[misc]
-        cfg = fm.flexlora_config
-        if not fresh:  # the caller's optimizer; check_optimizer_holds_adapter runs at train start
-            if needs_own_groups(cfg) and _lambda_shares_a_group(optimizer, fm):
-                logger.info(
-                    "FlexLoRA: the optimizer from optimizers=(...) keeps its own param groups, so λ's rate "
-                    "(lam_lr_rule=%r, lam_lr_ratio=%g, basis_lr_ratio=%g) is not applied; build its groups with "
-                    "flexlora_hf.optim_surgery.param_groups(model, lr) to apply it.",
-                    cfg.lam_lr_rule, cfg.lam_lr_ratio, cfg.basis_lr_ratio,
-                )
-            return optimizer
-        self._own_optimizer = unwrap_optimizer(optimizer)
-        if needs_own_groups(cfg):  # before the scheduler exists, so
-            split_adapter_groups(optimizer, fm, self.args.learning_rate)  # type: ignore[attr-defined]  # it keeps the ratios
+        if fresh:  # not the caller's optimizer (check_optimizer_holds_adapter checks that one at train start)
+            self._own_optimizer = unwrap_optimizer(optimizer)
         return optimizer
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
@@ -302,20 +273,6 @@ class FlexLoRATrainerMixin(TrainerRestartMixin, TrainerCardMixin):
             loss, outputs = out
             return loss + term.to(loss.dtype), outputs
         return out + term.to(out.dtype)
-
-    def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not self._alignment_decided:  # one boolean per step after the first (no unwrapping on the hot path)
-            self._alignment_decided = True  # once: a resumed or already-trained adapter keeps its basis
-            fm = self.flexlora_model
-            fresh_run = self.state.global_step == 0 and not fm.gradient_aligned  # type: ignore[attr-defined]
-            if fm.flexlora_config.init_from_gradient and fresh_run and is_fresh(fm):
-                model.train()
-                batch = self._prepare_inputs(inputs)  # type: ignore[attr-defined]
-                parent = super()  # the task loss alone (compute_loss may pop from the dict)
-                with self.compute_loss_context_manager():  # type: ignore[attr-defined]
-                    stats = align_to_gradient(fm, lambda: parent.compute_loss(model, dict(batch)))  # type: ignore[attr-defined]
-                logger.info("FlexLoRA: initial directions aligned to the first batch's gradient (%s).", stats)
-        return super().training_step(model, inputs, *args, **kwargs)  # type: ignore[misc]
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
         fixed = getattr(self, "loss_is_scaled_for_ga", None)

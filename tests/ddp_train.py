@@ -31,8 +31,7 @@ class Disagree(TrainerCallback):
             for _, layer in list(fm.flexlora_layers())[:2]:
                 layer.lora_lam[: layer.rank] = 0.0
                 layer.lora_lam[0] = 1.0
-        cfg = fm.flexlora_config
-        plan = plan_reallocation(fm.importance_scores(), fm.rank_map(), 2, min_rank=cfg.min_rank, max_rank=fm.rank_caps())
+        plan = plan_reallocation(fm.importance_scores(), fm.rank_map(), 2, max_rank=fm.rank_caps())
         self.local_plan = {"prune": list(plan.prune), "expand": list(plan.expand)}
 
 
@@ -40,7 +39,6 @@ def main(out_dir: str, mode: str = "plain") -> None:
     rank = int(os.environ.get("RANK", "0"))
     cfg = FlexLoRAConfig(
         r=4, lora_alpha=8, b0=2, t_warmup=2, t_final=2, delta_t=2, schedule="constant",
-        init_from_gradient=mode == "gradinit", init_basis="orthonormal" if mode == "gradinit" else "lora_like",
     )  # fmt: skip
     args = training_args(
         os.path.join(out_dir, "run"), per_device_train_batch_size=4, max_steps=10, ddp_backend="gloo"
@@ -71,7 +69,6 @@ def main(out_dir: str, mode: str = "plain") -> None:
                 "find_unused_parameters": find_unused,
                 "history": [{"step": e["step"], "prune": e["prune"], "expand": e["expand"]} for e in fm.rank_history],
                 "local_plan": disagree.local_plan if disagree else None,
-                "gradient_aligned": fm.gradient_aligned,
             },
             f,
         )

@@ -205,7 +205,7 @@ def trained(make: Callable[[], torch.nn.Module], events: int = 3, **kw: Any) -> 
     for event in range(events):
         random_lambda(fm, seed=event)
         plan = plan_reallocation(
-            fm.importance_scores(), fm.rank_map(), 2, min_rank=fm.flexlora_config.min_rank, max_rank=fm.rank_caps()
+            fm.importance_scores(), fm.rank_map(), 2, max_rank=fm.rank_caps()
         )
         fm.apply_plan(plan, step=20 + 10 * event)
         fm.rank_history.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -9,7 +10,7 @@ import math
 import pytest
 from transformers import HfArgumentParser
 
-from flexlora_hf.config import CONFIG_NAME, FlexLoRAConfig, parse_max_rank
+from flexlora_hf.config import CONFIG_NAME, REMOVED_FIELDS, FlexLoRAConfig, parse_max_rank
 
 
 def _custom() -> FlexLoRAConfig:
@@ -25,15 +26,11 @@ def _custom() -> FlexLoRAConfig:
         delta_t=5,
         total_steps=100,
         orth_reg_weight=0.5,
-        min_rank=2,
         max_rank={"model.layers.0.self_attn.q_proj": 9},
         importance="mat_energy_entropy",
         allocation="prune_only",
         expansion_init="orthogonal",
         schedule="window",
-        init_scale=0.05,
-        small_init_value=1e-2,
-        entropy_eps=1e-9,
         seed=7,
     )
 
@@ -124,9 +121,6 @@ def test_help_strings_present() -> None:
         (dict(t_final=-1), "t_final"),
         (dict(total_steps=0, t_warmup=0, t_final=0), "total_steps"),
         (dict(orth_reg_weight=-0.1), "orth_reg_weight"),
-        (dict(min_rank=9, r=8), "min_rank"),
-        (dict(init_scale=0.0), "init_scale"),
-        (dict(entropy_eps=-1.0), "entropy_eps"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs: dict, field: str) -> None:
@@ -173,7 +167,6 @@ def test_budget_that_can_never_move_raises() -> None:
         (dict(t_final=-0.1), "t_final", "fraction of the run"),
         (dict(b0=2.5), "b0", "integer"),
         (dict(r=8.0), "r", "Write r=8"),
-        (dict(min_rank=1.0), "min_rank", "Write min_rank=1"),
         (dict(max_rank=16.0), "max_rank", "Write max_rank=16"),
         (dict(max_rank={"model.layers.0.mlp.up_proj": 16.0}), "max_rank", "integer"),
         (dict(max_rank={"model.layers.0.mlp.up_proj": True}), "max_rank", "integer"),
@@ -256,3 +249,24 @@ def test_hf_argument_parser_list_flags() -> None:
     assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.modules_to_save == ["score"]
     (cfg,) = parser.parse_args_into_dataclasses(["--target_modules", "all-linear"])
     assert cfg.target_modules == "all-linear"
+
+
+def test_the_config_stays_readable() -> None:
+    """At most 20 fields: the switches that measured as no-ops or losers were folded (config.REMOVED_FIELDS)."""
+    assert len(dataclasses.fields(FlexLoRAConfig)) <= 20
+    assert not set(REMOVED_FIELDS) & {f.name for f in dataclasses.fields(FlexLoRAConfig)}
+
+
+def test_removed_fields_load_and_say_so_once(caplog: pytest.LogCaptureFixture) -> None:
+    """An older config naming removed fields loads; a value other than the kept behaviour is a warning, logged once."""
+    old = {**FlexLoRAConfig(r=4).to_dict(), **REMOVED_FIELDS}
+    assert FlexLoRAConfig.from_dict(old) == FlexLoRAConfig(r=4)
+    changed = {**old, "lam_lr_ratio": 10.0, "adam_reset": "shared_step"}
+    with caplog.at_level(logging.INFO, logger="flexlora_hf.config"):
+        for _ in range(3):
+            assert FlexLoRAConfig.from_dict(changed) == FlexLoRAConfig(r=4)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "lam_lr_ratio=10.0 is now 1.0; adam_reset='shared_step' is now 'slot_age'" in warnings[0].getMessage()
+    with pytest.raises(ValueError, match="lam_lr_ratoi"):  # a typo is still an error
+        FlexLoRAConfig.from_dict({**old, "lam_lr_ratoi": 1.0})

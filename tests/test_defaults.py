@@ -1,9 +1,8 @@
-"""The non-paper defaults of issue 'drop-in quality': orthonormal basis, λ's param group, per-direction Adam age."""
+"""The non-paper defaults: the lora_like start, λ's param group, per-direction Adam age, SVD pruning."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -11,14 +10,8 @@ from torch import nn
 
 from flexlora_hf import FlexLoRAConfig, FlexLoRALayer, get_flexlora_model
 from flexlora_hf.allocation import ReallocationPlan
-from flexlora_hf.optim_surgery import (
-    basis_parameters,
-    lam_lr_multiplier,
-    lambda_parameters,
-    needs_own_groups,
-    param_groups,
-    split_adapter_groups,
-)
+from flexlora_hf.model import FlexLoRAModel, expansion_generator
+from flexlora_hf.optim_surgery import lambda_parameters, param_groups, reset_slots
 from flexlora_hf.slot_age import correction
 
 
@@ -102,9 +95,9 @@ def test_lora_like_prunes_the_smallest_direction_not_the_smallest_lambda() -> No
 
 def test_default_config_is_the_lora_like_start_at_the_papers_single_rate() -> None:
     cfg = FlexLoRAConfig()
-    assert (cfg.init_basis, cfg.lam_lr_rule, cfg.lam_lr_ratio, cfg.basis_lr_ratio) == ("lora_like", "constant", 1.0, 1.0)
-    with pytest.raises(ValueError, match="init_basis='orthonormal'"):
-        FlexLoRAConfig(init_from_gradient=True)  # the alignment rotates an orthonormal basis: the error says so
+    assert cfg.init_basis == "lora_like"
+    with pytest.raises(TypeError, match="lam_lr_ratio"):
+        FlexLoRAConfig(lam_lr_ratio=2.0)  # removed: λ trains at the optimizer's rate
 
 
 def test_correction_factor_matches_fresh_adam_bias_correction() -> None:
@@ -115,12 +108,25 @@ def test_correction_factor_matches_fresh_adam_bias_correction() -> None:
     assert abs(correction(8000, 20_000, b1, b2) - 1.0) < 1e-3
 
 
+def _expand(fm: FlexLoRAModel, opt: torch.optim.Optimizer, step: int, corrected: bool) -> int:
+    """Add one direction after `step`: as an event does (corrected by its own age), or as the reference code does
+    (moments zeroed, the tensor's shared step counter kept). Both draw the same direction."""
+    name = fm.module_names[0]
+    if corrected:
+        return fm.apply_plan(ReallocationPlan(expand=(name,), budget=1), opt, step=step)[name][0]
+    layer = next(layer for _, layer in fm.flexlora_layers())
+    slot = layer.expand(expansion_generator(fm.flexlora_config.seed, step), init="zero_impact")
+    reset_slots(opt, [(layer, [slot])])
+    return slot
+
+
 @pytest.mark.parametrize("scheme", ["slot_age", "shared_step"])
 def test_new_direction_takes_at_most_one_lr_per_step(scheme: str) -> None:
-    """Constant gradient on λ: a fresh Adam moves by lr per step; the shared counter gives ~3.2x lr at first."""
+    """Constant gradient on λ: a fresh Adam moves by lr per step; the shared counter (the reference code) gives
+    ~3.2x lr at first."""
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(16, 16))
-    fm = get_flexlora_model(base, FlexLoRAConfig(r=2, b0=0, max_rank=3, target_modules=["0"], adam_reset=scheme))
+    fm = get_flexlora_model(base, FlexLoRAConfig(r=2, b0=0, max_rank=3, target_modules=["0"]))
     layer = next(layer for _, layer in fm.flexlora_layers())
     layer.lora_P.requires_grad_(False)  # P and Q fixed: d loss / d λ is exactly constant, as the bound assumes
     layer.lora_Q.requires_grad_(False)
@@ -135,7 +141,7 @@ def test_new_direction_takes_at_most_one_lr_per_step(scheme: str) -> None:
 
     for _ in range(200):
         step()
-    slot = fm.apply_plan(ReallocationPlan(expand=(fm.module_names[0],), budget=1), opt, step=200)[fm.module_names[0]][0]
+    slot = _expand(fm, opt, 200, corrected=scheme == "slot_age")
     moves = []
     for _ in range(12):
         before = float(layer.lora_lam[slot])
@@ -154,8 +160,7 @@ def test_slot_age_leaves_every_other_slice_alone() -> None:
     torch.manual_seed(0)
     fm_a = get_flexlora_model(nn.Sequential(nn.Linear(16, 16)), FlexLoRAConfig(r=2, b0=0, max_rank=3, target_modules=["0"]))
     torch.manual_seed(0)
-    fm_b = get_flexlora_model(nn.Sequential(nn.Linear(16, 16)),
-                              FlexLoRAConfig(r=2, b0=0, max_rank=3, target_modules=["0"], adam_reset="shared_step"))
+    fm_b = get_flexlora_model(nn.Sequential(nn.Linear(16, 16)), FlexLoRAConfig(r=2, b0=0, max_rank=3, target_modules=["0"]))
     x = torch.randn(8, 16)
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (fm_a, fm_b)]
     for t in range(1, 12):  # identical runs up to the event after step 10, then one step
@@ -164,106 +169,28 @@ def test_slot_age_leaves_every_other_slice_alone() -> None:
             m(x).pow(2).sum().backward()
             o.step()
             if t == 10:
-                m.apply_plan(ReallocationPlan(expand=(m.module_names[0],), budget=1), o, step=t)
+                _expand(m, o, t, corrected=m is fm_a)
     la, lb = (next(layer for _, layer in m.flexlora_layers()) for m in (fm_a, fm_b))
     for name in ("lora_P", "lora_lam", "lora_Q"):
         a, b = getattr(la, name).detach(), getattr(lb, name).detach()
         assert torch.equal(a.narrow(-1 if name == "lora_P" else 0, 0, 2), b.narrow(-1 if name == "lora_P" else 0, 0, 2))
     assert not torch.equal(la.lora_lam[2:], lb.lora_lam[2:])  # the new direction: corrected
-    assert la.slot_birth == {2: 10} and lb.slot_birth == {}  # only the slot_age run tracks the young direction
+    assert la.slot_birth == {2: 10} and lb.slot_birth == {}  # only the corrected run tracks the young direction
 
 
 def test_param_groups_put_lambda_alone_without_decay() -> None:
-    cfg = FlexLoRAConfig(r=2, b0=0, lam_lr_ratio=7.0, lam_lr_rule="constant")
-    fm = get_flexlora_model(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)), cfg)
-    groups = param_groups(fm, lr=1e-3, weight_decay=0.1)  # ratio and rule from the model's config
-    lam = [g for g in groups if any(p is lambda_parameters(fm)[0] for p in g["params"])]
-    assert len(lam) == 1 and lam[0]["lr"] == pytest.approx(7e-3) and lam[0]["weight_decay"] == 0.0
-    assert {id(p) for p in lam[0]["params"]} == {id(p) for p in lambda_parameters(fm)}
-    assert sum(len(g["params"]) for g in groups) == sum(1 for p in fm.parameters() if p.requires_grad)
-
-
-@pytest.mark.parametrize("ratio", [1.0, 2.0, 0.5])
-def test_basis_lr_ratio_gives_P_and_Q_their_rate_with_decay(ratio: float) -> None:
-    cfg = FlexLoRAConfig(r=2, b0=0, basis_lr_ratio=ratio, modules_to_save=["1"], target_modules=["0"])
-    fm = get_flexlora_model(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)), cfg)
+    fm = get_flexlora_model(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)), FlexLoRAConfig(r=2, b0=0))
     groups = param_groups(fm, lr=1e-3, weight_decay=0.1)
+    lam = [g for g in groups if any(p is lambda_parameters(fm)[0] for p in g["params"])]
+    assert len(lam) == 1 and lam[0]["lr"] == pytest.approx(1e-3) and lam[0]["weight_decay"] == 0.0
+    assert {id(p) for p in lam[0]["params"]} == {id(p) for p in lambda_parameters(fm)}
+    directions = [p for n, p in fm.named_parameters() if n.endswith(("lora_P", "lora_Q"))]
     group_of = {id(p): g for g in groups for p in g["params"]}
-    basis = basis_parameters(fm)
-    assert len(basis) == 2 and len(group_of) == sum(len(g["params"]) for g in groups)  # each parameter once
-    assert all(group_of[id(p)]["lr"] == pytest.approx(1e-3 * ratio) and group_of[id(p)]["weight_decay"] == 0.1 for p in basis)
-    assert len({id(group_of[id(p)]) for p in basis}) == 1
-    head = [p for n, p in fm.named_parameters() if p.requires_grad and "lora_" not in n]
-    assert head and all(group_of[id(p)]["lr"] == pytest.approx(1e-3) for p in head)  # the rest keeps the base rate
-    assert (ratio == 1.0) == all(group_of[id(p)] is group_of[id(head[0])] for p in basis)  # 1.0: no extra group
-    assert needs_own_groups(cfg) == (ratio != 1.0 or cfg.lam_lr_rule != "constant")
-    with pytest.raises(ValueError, match="basis_lr_ratio"):
-        FlexLoRAConfig(basis_lr_ratio=0.0)
-
-
-def test_split_adapter_groups_matches_param_groups() -> None:
-    """What the Trainer does to its optimizer gives every parameter the rate and decay `param_groups` gives it."""
-    fm = get_flexlora_model(nn.Sequential(nn.Linear(16, 48), nn.Linear(48, 12)), FlexLoRAConfig(r=2, b0=0))
-    trainable = [p for p in fm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": trainable, "weight_decay": 0.1}], lr=1e-3)
-    split_adapter_groups(opt, fm, 1e-3)
-    got = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
-    want = {id(p): (g["lr"], g["weight_decay"]) for g in param_groups(fm, 1e-3, 0.1) for p in g["params"]}
-    assert got.keys() == want.keys() and len(got) == len(trainable)
-    assert all(got[k] == pytest.approx(want[k]) for k in want)
-    with pytest.raises(RuntimeError, match="fresh optimizer"):
-        fm(torch.randn(2, 16)).sum().backward()
-        opt.step()
-        split_adapter_groups(opt, fm, 1e-3)
-
-
-def test_lora_matched_rule_gives_each_output_width_its_rate() -> None:
-    model = nn.Sequential(nn.Linear(16, 48), nn.Linear(48, 12), nn.Linear(12, 12), nn.Linear(12, 48))
-    fm = get_flexlora_model(model, FlexLoRAConfig(r=2, b0=0, lam_lr_ratio=2.0, lam_lr_rule="lora_matched"))
-    lam_ids = {id(p) for p in lambda_parameters(fm)}
-    groups = [g for g in param_groups(fm, lr=1e-3, weight_decay=0.1) if id(g["params"][0]) in lam_ids]
-    assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(2, 0.0), (2, 0.0)]  # d_out 48 and 12, in order
-    assert [g["lr"] for g in groups] == pytest.approx([2e-3 * math.sqrt(48 / 3), 2e-3 * math.sqrt(12 / 3)])
-    assert {id(p) for g in groups for p in g["params"]} == lam_ids
-    assert lam_lr_multiplier(384, 1.0, "lora_matched") == pytest.approx(11.31, abs=0.01)  # MiniLM's hidden width
-    with pytest.raises(ValueError, match="lam_lr_rule"):
-        FlexLoRAConfig(lam_lr_rule="sqrt")
-
-
-@pytest.mark.parametrize("d_out", [48, 192])
-def test_lora_matched_first_step_moves_delta_w_as_far_as_peft_lora(d_out: int) -> None:
-    """The claim behind the rule: one fresh-Adam step (every entry moves exactly lr) of λ moves ΔW as far, in
-    Frobenius norm, as one step of PEFT LoRA's B at the same lr (B's columns against Kaiming-uniform A rows)."""
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    d_in, r, lr = 256, 8, 1e-3
-    x = torch.randn(32, d_in)
-
-    def step_norm(model: nn.Module, delta: Callable[[], torch.Tensor], groups: list[dict]) -> float:
-        before = delta().clone()
-        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
-        model(x).pow(2).sum().backward()
-        opt.step()
-        return float((delta() - before).norm())
-
-    fm = get_flexlora_model(nn.Sequential(nn.Linear(d_in, d_out)), FlexLoRAConfig(r=r, b0=0, lora_alpha=16.0, lam_lr_rule="lora_matched", lam_lr_ratio=1.0,
-                                                                             init_basis="orthonormal"))
-    layer = next(layer for _, layer in fm.flexlora_layers())
-    flex = step_norm(fm, layer.delta_weight, [g for g in param_groups(fm, lr) if g["params"][0] is layer.lora_lam])
-    lora = peft.get_peft_model(nn.Sequential(nn.Linear(d_in, d_out)), peft.LoraConfig(r=r, lora_alpha=16, target_modules=["0"]))
-    mod = lora.base_model.model[0]
-    lora_B = [mod.lora_B["default"].weight]
-    scaling = mod.scaling["default"]
-    lora_step = step_norm(lora, lambda: scaling * mod.lora_B["default"].weight @ mod.lora_A["default"].weight,
-                          [{"params": lora_B}])
-    assert flex == pytest.approx(lr * 2.0 * math.sqrt(d_out / 3) * math.sqrt(r), rel=1e-3)  # scaling 16/8, unit P, Q: exact
-    assert flex == pytest.approx(lora_step, rel=0.1)  # LoRA's: random A rows of norm ~1/sqrt(3)
+    assert directions and all(group_of[id(p)]["weight_decay"] == 0.1 for p in directions)  # P, Q decay as weights
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in fm.parameters() if p.requires_grad)
 
 
 def test_config_rejects_unknown_choices() -> None:
     with pytest.raises(ValueError, match="init_basis"):
         FlexLoRAConfig(init_basis="xavier")
-    with pytest.raises(ValueError, match="adam_reset"):
-        FlexLoRAConfig(adam_reset="never")
-    with pytest.raises(ValueError, match="lam_lr_ratio"):
-        FlexLoRAConfig(lam_lr_ratio=0.0)
+

@@ -74,7 +74,7 @@ def test_expand_keeps_output(arch: str, init: str) -> None:
 
 def test_small_init_changes_output() -> None:
     """Control for the test above: a non-zero λ on the new direction does change the output."""
-    model, _ = wrap("llama", expansion_init="small", small_init_value=0.5)
+    model, _ = wrap("llama", expansion_init="small")
     random_lambda(model, scale=20.0)
     before = logits(model)
     model.apply_plan(ReallocationPlan(expand=tuple(model.module_names), budget=1), step=1)

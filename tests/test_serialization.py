@@ -6,6 +6,7 @@ Tiny random models built from configs (Llama, BERT classifier, GPT-2 Conv1D); no
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -311,7 +312,7 @@ def test_peft_view_gpt2_conv1d(tmp_path: Path) -> None:
 
 
 def test_rank_zero_module_is_left_out_of_peft_view(tmp_path: Path) -> None:
-    fm = trained(tiny_llama, events=1, min_rank=0)
+    fm = trained(tiny_llama, events=1)
     dropped = fm.module_names[0]
     layer = dict(fm.flexlora_layers())[dropped]
     while layer.rank:
@@ -567,17 +568,30 @@ def test_missing_folder(tmp_path: Path) -> None:
 
 
 def test_folder_without_the_v2_fields_keeps_v01_behaviour(llama_dir, tmp_path: Path) -> None:
-    """A v0.1 folder names no init_basis / lam_lr_ratio / adam_reset / lam_lr_rule / basis_lr_ratio: continuing it
-    must not switch behaviour (a v0.2 folder names the first three, a v0.3 folder all but basis_lr_ratio, which was
-    1.0 until v0.4)."""
+    """A v0.1 folder names no init_basis / svd_prune / grace_events: continuing it must not switch behaviour."""
     _, path = llama_dir
     old = copy_dir(path, tmp_path / "v01")
     cfg = json.loads((old / "flexlora_config.json").read_text())
-    for key in ("init_basis", "lam_lr_ratio", "adam_reset", "lam_lr_rule", "basis_lr_ratio"):
+    for key in ("init_basis", "svd_prune", "grace_events"):
         cfg.pop(key)
     (old / "flexlora_config.json").write_text(json.dumps(cfg))
-    loaded = load_flexlora(tiny_llama(), old, is_trainable=True)
-    c = loaded.flexlora_config
-    assert (c.init_basis, c.lam_lr_ratio, c.adam_reset, c.lam_lr_rule) == ("gaussian", 1.0, "shared_step", "constant")
-    assert c.basis_lr_ratio == 1.0
+    c = load_flexlora(tiny_llama(), old, is_trainable=True).flexlora_config
+    assert (c.init_basis, c.svd_prune, c.grace_events) == ("gaussian", False, 0)
     assert load_flexlora(tiny_llama(), path).flexlora_config.init_basis == "orthonormal"  # v2 folders: as saved
+
+
+def test_folder_naming_removed_fields_loads_unchanged(llama_dir, tmp_path: Path, caplog) -> None:
+    """A folder written while the config still had lam_lr_ratio, adam_reset, ... loads with the same weights and
+    outputs; the removed keys are named in one warning when a value differs from the behaviour kept."""
+    fm, path = llama_dir
+    old = copy_dir(path, tmp_path / "v05")
+    cfg = json.loads((old / "flexlora_config.json").read_text())
+    cfg.update({"lam_lr_rule": "lora_matched", "lam_lr_ratio": 1.0, "basis_lr_ratio": 1.0, "adam_reset": "slot_age",
+                "init_from_gradient": False, "init_scale": 0.02, "small_init_value": 1e-3, "entropy_eps": 1e-12,
+                "min_rank": 1})
+    (old / "flexlora_config.json").write_text(json.dumps(cfg))
+    with caplog.at_level(logging.WARNING, logger="flexlora_hf.config"):
+        loaded = load_flexlora(tiny_llama(), old)
+    assert loaded.flexlora_config == load_flexlora(tiny_llama(), path).flexlora_config
+    torch.testing.assert_close(logits(loaded), logits(load_flexlora(tiny_llama(), path)))
+    assert [r.getMessage() for r in caplog.records if "lam_lr_rule='lora_matched'" in r.getMessage()]

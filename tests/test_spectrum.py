@@ -154,7 +154,6 @@ def test_rotation_keeps_delta_w_and_restarts_the_moments_of_the_rotated_matrix(t
     layers = dict(model.flexlora_layers())
     deltas = {n: layers[n].delta_weight().double() for n in NAMES}
     moments = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters() if p in opt.state}
-    model.flexlora_config.adam_reset = "slot_age"
     model.apply_plan(ReallocationPlan(prune=("geom8",), budget=1), opt, step=600)
     geom = layers["geom8"]
     S = torch.linalg.svdvals(deltas["geom8"])

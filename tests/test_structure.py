@@ -14,7 +14,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "flexlora_hf"
 CORE = (
     "config", "constants", "choices", "scoring", "spectrum", "schedule", "allocation", "targets", "directions", "layer",
-    "optim_surgery", "slot_age", "sharding", "gradient_init", "merging", "events", "model",
+    "optim_surgery", "slot_age", "sharding", "merging", "events", "model",
 )
 HEAVY = ("transformers", "peft", "bitsandbytes", "lm_eval", "matplotlib", "datasets", "huggingface_hub", "sklearn", "scipy")
 

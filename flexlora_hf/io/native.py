@@ -60,8 +60,7 @@ logger = logging.getLogger(__name__)
 
 # Config fields added after v0.1 -> the behaviour before each existed, for folders that do not name them.
 LEGACY_DEFAULTS: dict[str, Any] = {
-    "init_basis": "gaussian", "lam_lr_ratio": 1.0, "adam_reset": "shared_step", "lam_lr_rule": "constant",
-    "basis_lr_ratio": 1.0,
+    "init_basis": "gaussian",
     "svd_prune": False, "grace_events": 0,  # v0.5 and earlier: pruned in place, no grace period
 }
 
