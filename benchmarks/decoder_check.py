@@ -3,7 +3,7 @@
 One command, resumable (a finished run is one JSON line in the runs file; runs already there are skipped)::
 
     python -m benchmarks.decoder_check            # ~75 min on 2 cores -> results/decoder_check_intent_runs.jsonl
-    python -m benchmarks.decoder_check --report   # -> benchmarks/results/decoder_check_intent_loralike.json + tables
+    python -m benchmarks.decoder_check --report   # -> benchmarks/results/decoder_check_intent_v06.json + tables
     python -m benchmarks.decoder_check --smoke    # 3 steps, 1 seed, 8 rows, own files under outputs/: the pipeline only
 
 What it does (issue "a drop-in FlexLoRA that learns at least as well as LoRA", the decoder-check bullet):
@@ -36,12 +36,21 @@ tokens) until step ~100 and then falls. The settings tried before, kept as flags
 the answer format: social_iqa (60 steps x batch 8 at 1e-3, the first version of this check: ``--task social_iqa
 --steps 60 --batch-size 8 --lr 1e-3 --runs-file benchmarks/results/decoder_check_runs.jsonl``; also 200 steps),
 multiemo (``--task multiemo --cutoff-len 256``), and intent_recognition at 60 x 8 (training loss at chance to the
-end). ``--methods ... flexlora_grad`` adds FlexLoRA with ``init_from_gradient`` (the opt-in remedy for the slow start
-at LoRA's rate), ``flexlora_fixed`` the same adapter with b0 = 0 (no reallocation: what the P·diag(λ)·Q form costs
-without the events). ``--only RUN ...`` runs exactly the named runs (``lora-s1``, ``base``). ``--flexlora-flags``
-(default ``--lam_lr_rule constant --lam_lr_ratio 1 --init_basis lora_like``, the library defaults since v0.5) are
-finetune.py flags of the FlexLoRA methods; ``"--lam_lr_rule lora_matched --lam_lr_ratio 1"`` is v0.3-v0.4 (orthonormal
-basis), ``--flexlora-flags ""`` v0.2's λ at a constant 10x, under which the first tables were made.
+end). ``--methods ... flexlora_fixed`` adds the same adapter with b0 = 0 (no reallocation: what the P·diag(λ)·Q form
+costs without the events). ``--only RUN ...`` runs exactly the named runs (``lora-s1``, ``base``).
+``--flexlora-flags`` (default empty: the library defaults) are finetune.py flags of the FlexLoRA methods, e.g.
+``"--svd_prune false"``. They are a run's key, normalised (`normalize_flags`): a flag at the value the run has anyway
+(the library default, or the check's own r, alpha, schedule...) is dropped, so ``"--svd_prune true --grace_events 1"``
+is the default check.
+
+Records made before the library folded its switches (`flexlora_hf.config.REMOVED_FIELDS`; records without
+``flags_base``) name flags over the base every FlexLoRA run was then given (`LEGACY_FLAGS_BASE`: λ at a constant 10x
+its own rate, the orthonormal start). Read over it (`record_flags`), the v0.6 runs' ``"--lam_lr_rule constant
+--lam_lr_ratio 1 --init_basis lora_like --svd_prune true --grace_events 1"`` is the default check and resumes
+under it; runs that named a removed switch at another value (``--lam_lr_rule lora_matched``, ``--basis_lr_ratio 2``,
+v0.2's λ at 10x, ``flexlora_grad``'s ``init_from_gradient``) or that predate v0.6's reallocation (no ``--svd_prune``)
+match no flags any more: they are history, kept in the runs file and in their report files. Asking for a removed
+switch at another value than the one kept is an error naming the field.
 
 Sizing (measured on this 2-core machine, two workers of one thread each): a training step of batch 4 at cutoff 160
 takes ~5.3 s (4-bit dequantisation included; batch 8: ~10.5 s), lm-eval on both formats ~170 s for the 139 rows
@@ -55,6 +64,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -72,28 +82,29 @@ from typing import Any
 from flexlora_hf.tasks.utils import BIGBENCH_SUBTASKS
 
 from .common import machine_info, mean_std, offline_env, pick_device, setup_logging, write_json
+from .specs import REMOVED_FIELDS, drop_removed
 
 logger = logging.getLogger("benchmarks.decoder_check")
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_DIR = ROOT / "examples" / "commonsense"
-# flexlora_grad: FlexLoRA with init_from_gradient (opt-in); flexlora_fixed: b0 = 0, the same P·diag(λ)·Q adapter and
-# eq. 2 without any reallocation event (separates what the parametrisation costs from what the events cost)
-METHODS = ("flexlora", "lora", "flexlora_grad", "flexlora_fixed")
+# flexlora_fixed: b0 = 0, the same P·diag(λ)·Q adapter and eq. 2 without any reallocation event (separates what the
+# parametrisation costs from what the events cost). (The runs file also holds `flexlora_grad` records, FlexLoRA with
+# the removed init_from_gradient: history, never matched.)
+METHODS = ("flexlora", "lora", "flexlora_fixed")
 DEFAULT_METHODS = ("flexlora", "lora")
 LABELS = {
     "flexlora": "FlexLoRA",
     "lora": "PEFT LoRA",
-    "flexlora_grad": "FlexLoRA + init_from_gradient",
     "flexlora_fixed": "FlexLoRA, no reallocation (b0 0)",
 }
 SEEDS = (0, 1, 2)
 TASKS = tuple(BIGBENCH_SUBTASKS)  # the BIG-bench tasks with lm-eval configs in flexlora_hf/tasks
 TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
 DEFAULT_RUNS = Path("benchmarks/results/decoder_check_intent_runs.jsonl")
-# The v0.5 defaults' aggregate; decoder_check_intent.json keeps v0.3-v0.4's (`--flexlora-flags "--lam_lr_rule
-# lora_matched --lam_lr_ratio 1" --report-file benchmarks/results/decoder_check_intent.json` rewrites it).
-DEFAULT_REPORT = Path("benchmarks/results/decoder_check_intent_loralike.json")
+# The default check's aggregate (the library defaults since v0.6). The older aggregates (decoder_check_intent.json:
+# v0.3-v0.4, decoder_check_intent_loralike.json: v0.5, ...) were made under flags that cannot run any more: history.
+DEFAULT_REPORT = Path("benchmarks/results/decoder_check_intent_v06.json")
 DEFAULT_WORK = Path("outputs/decoder_check")
 SMOKE_DIR = Path("outputs/decoder_check_smoke")
 METRICS = ("acc", "acc_norm")
@@ -102,11 +113,12 @@ N_MATRICES = 150  # SmolLM2-135M: 30 decoder layers x (q, k, v, up, down)
 FLAG_SETTINGS = ("task", "steps", "batch_size", "lr", "cutoff_len", "eval_limit", "eval_batch_size", "flexlora_flags")
 EVAL_SETTINGS = ("task", "eval_limit", "eval_batch_size")  # all that the base model's scores depend on
 SMOKE = {"steps": 3, "batch_size": 8, "eval_limit": 8}
-# The rates under which every FlexLoRA run was recorded before `flexlora_flags` existed and whenever it is "": λ at
-# a constant 10x, P and Q at the optimizer's rate, the orthonormal basis (the library defaults until v0.2;
-# `--basis_lr_ratio` came in v0.4, `--init_basis lora_like` became the default in v0.5). Passed before the run's own
-# flags (argparse keeps the last one), so a record's settings keep meaning what they meant when a default changes.
-BASE_FLEXLORA_FLAGS = "--lam_lr_rule constant --lam_lr_ratio 10 --basis_lr_ratio 1 --init_basis orthonormal"
+# Only to read old records: the flags every FlexLoRA run was given before its own, until the library folded its
+# switches (λ at a constant 10x its own rate, P and Q at the optimizer's, the orthonormal basis: v0.2's defaults,
+# pinned so that a record's flags kept their meaning when a default changed). Never passed to a run any more.
+LEGACY_FLAGS_BASE = "--lam_lr_rule constant --lam_lr_ratio 10 --basis_lr_ratio 1 --init_basis orthonormal"
+# `flags_base` of the records written since: their (normalised) flags apply to the library defaults.
+FLAGS_BASE = "library"
 # Record fields added later, as the runs made before them had them (where that differs from today's default).
 RECORD_DEFAULTS = {"flexlora_flags": ""}
 
@@ -127,8 +139,11 @@ class Settings:
     b0: int = 4
     eval_limit: int = 200
     eval_batch_size: int = 16
-    # finetune.py flags of the FlexLoRA methods, after BASE_FLEXLORA_FLAGS: by default the library's since v0.5
-    flexlora_flags: str = "--lam_lr_rule constant --lam_lr_ratio 1 --init_basis lora_like"
+    # finetune.py flags of the FlexLoRA methods over the library defaults, normalised (`normalize_flags`)
+    flexlora_flags: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "flexlora_flags", normalize_flags(self.flexlora_flags, tuple(recipe_flexlora_argv(self))))
 
     @property
     def n_train(self) -> int:
@@ -143,6 +158,105 @@ class Settings:
 def schedule(steps: int) -> dict[str, int]:
     """FlexLoRA's event window as in `benchmarks.quality`: T_warmup = T_final = 20 % of the steps, Δ_T = 5 %."""
     return {"t_warmup": max(1, int(0.2 * steps)), "t_final": max(1, int(0.2 * steps)), "delta_t": max(1, steps // 20)}
+
+
+def recipe_flexlora_argv(settings: Settings) -> list[str]:
+    """The FlexLoRA fields finetune.py gets from the check itself (adapter shape, b0, the event window)."""
+    sched = schedule(settings.steps)
+    return [
+        "--r", str(settings.r), "--lora_alpha", f"{settings.lora_alpha:g}",
+        "--lora_dropout", f"{settings.lora_dropout:g}",
+        "--target_modules", TARGETS, "--b0", str(settings.b0), "--t_warmup", str(sched["t_warmup"]),
+        "--t_final", str(sched["t_final"]), "--delta_t", str(sched["delta_t"]),
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------- flags
+@functools.lru_cache(maxsize=1)
+def _flexlora_parser() -> Any:
+    from transformers import HfArgumentParser
+
+    from flexlora_hf.arguments import FlexLoRAArguments
+
+    return HfArgumentParser(FlexLoRAArguments)
+
+
+def _parse_flexlora(argv: Sequence[str]) -> Any:
+    try:
+        parsed, rest = _flexlora_parser().parse_args_into_dataclasses(args=list(argv), return_remaining_strings=True)
+    except SystemExit:  # argparse has printed what it could not parse
+        raise ValueError(f"--flexlora-flags: cannot parse {shlex.join(argv)!r} as finetune.py's FlexLoRA flags") from None
+    if rest:
+        raise ValueError(f"--flexlora-flags: {shlex.join(rest)!r} are not FlexLoRA flags (FlexLoRAArguments)")
+    return parsed
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    return str(value)
+
+
+@functools.lru_cache(maxsize=256)
+def normalize_flags(flags: str, recipe: tuple[str, ...] = ()) -> str:
+    """The canonical form of a FlexLoRA flags string: one ``--field value`` per field the flags change, in the
+    config's field order, over the library defaults and `recipe` (the check's own flags). A flag at the value the run
+    has anyway is dropped, and so is a removed field at the behaviour kept (the last occurrence of a flag counts)::
+
+        "--svd_prune true --grace_events 1"                  -> ""
+        "--lam_lr_ratio 1 --orth_reg_weight=0.0"             -> "--orth_reg_weight 0"
+
+    Raises `ValueError` for a removed field at any other value (naming it) and for flags finetune.py does not know.
+    """
+    tokens = shlex.split(flags)
+    removed: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(tokens):
+        name, eq, value = tokens[i][2:].partition("=") if tokens[i].startswith("--") else ("", "", "")
+        if name in REMOVED_FIELDS:
+            if not eq:
+                bare = i + 1 == len(tokens) or tokens[i + 1].startswith("--")
+                value = "true" if bare else tokens[i + 1]  # a bare switch is `true`
+                i += 0 if bare else 1
+            removed[name] = value
+        else:
+            rest.append(tokens[i])
+        i += 1
+    drop_removed(removed, f"--flexlora-flags {flags!r}")
+    if not rest:
+        return ""
+    base, got = _parse_flexlora(recipe), _parse_flexlora([*recipe, *rest])
+    out: list[str] = []
+    for f in dataclasses.fields(got):
+        value = getattr(got, f.name)
+        if value != getattr(base, f.name):
+            if value is None:
+                raise ValueError(f"--flexlora-flags: --{f.name} cannot be unset from the command line")
+            out += [f"--{f.name}", _flag_value(value)]
+    return shlex.join(out)
+
+
+def record_flags(record: dict[str, Any], settings: Settings) -> str | None:
+    """The normalised flags a FlexLoRA record was trained under, as today's `Settings.flexlora_flags` would name
+    them (the record's other settings being `settings`'), or None when no flags can make that run any more.
+
+    A record written before `flags_base` existed gave its flags after `LEGACY_FLAGS_BASE`, and unless it names
+    ``--svd_prune`` it predates v0.6's reallocation (ΔW's spectrum, the SVD prune): no flags reproduce it.
+    """
+    flags = (record.get("settings") or {}).get("flexlora_flags", RECORD_DEFAULTS["flexlora_flags"])
+    recipe = tuple(recipe_flexlora_argv(settings))
+    try:
+        if record.get("flags_base") == FLAGS_BASE:
+            return normalize_flags(flags, recipe)
+        if not any(t == "--svd_prune" or t.startswith("--svd_prune=") for t in shlex.split(flags)):
+            return None
+        return normalize_flags(f"{LEGACY_FLAGS_BASE} {flags}", recipe)
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------- plan
@@ -183,15 +297,22 @@ def made_under(record: dict[str, Any], settings: Settings) -> bool:
 
     The base model's scores do not depend on how the adapters were trained, so one base evaluation serves every
     training setting with the same task and held-out rows (it is not re-run when only ``--steps`` or ``--lr`` change);
-    likewise PEFT LoRA runs serve every ``--flexlora-flags`` variant.
+    likewise PEFT LoRA runs serve every ``--flexlora-flags`` variant. A FlexLoRA record's flags are compared as
+    `record_flags` reads them (normalised, old records over their legacy base).
     """
     wanted = dataclasses.asdict(settings)
     got = dataclasses.asdict(Settings()) | RECORD_DEFAULTS | (record.get("settings") or {})  # fields added later
     if record.get("method") == "base":
         return all(got.get(name) == wanted[name] for name in EVAL_SETTINGS)
-    if record.get("method") == "lora":  # PEFT LoRA never sees the FlexLoRA flags: one set of LoRA runs serves all
-        return got | {"flexlora_flags": ""} == wanted | {"flexlora_flags": ""}
-    return got == wanted
+    if got | {"flexlora_flags": ""} != wanted | {"flexlora_flags": ""} or record.get("method") not in METHODS:
+        return False
+    # PEFT LoRA never sees the FlexLoRA flags: one set of LoRA runs serves all
+    return record.get("method") == "lora" or record_flags(record, settings) == settings.flexlora_flags
+
+
+def new_record(method: str, seed: int | None, settings: Settings) -> dict[str, Any]:
+    """The start of a run's record: its key, its settings, and what its flags are relative to (`record_flags`)."""
+    return {"method": method, "seed": seed, "settings": dataclasses.asdict(settings), "flags_base": FLAGS_BASE}
 
 
 # ---------------------------------------------------------------------------------------------------------- worker
@@ -207,14 +328,10 @@ def _example(name: str) -> ModuleType:
 
 def finetune_argv(settings: Settings, method: str, seed: int, base: str, data: Path, out: Path) -> list[str]:
     """The recipe's command line (as in ``examples/commonsense/smollm2_cpu.sh``) for one method and seed."""
-    sched = schedule(settings.steps)
     argv = [
         "--model_name_or_path", base, "--load_in_4bit", "--data_path", str(data), "--output_dir", str(out),
         "--cutoff_len", str(settings.cutoff_len), "--val_set_size", str(settings.val_set_size),
-        "--r", str(settings.r), "--lora_alpha", f"{settings.lora_alpha:g}",
-        "--lora_dropout", f"{settings.lora_dropout:g}",
-        "--target_modules", TARGETS, "--b0", str(settings.b0), "--t_warmup", str(sched["t_warmup"]),
-        "--t_final", str(sched["t_final"]), "--delta_t", str(sched["delta_t"]),
+        *recipe_flexlora_argv(settings),
         "--learning_rate", f"{settings.lr:g}", "--lr_scheduler_type", "linear",
         "--warmup_steps", str(max(1, round(0.1 * settings.steps))), "--optim", "adamw_torch", "--weight_decay", "0",
         "--max_steps", str(settings.steps), "--per_device_train_batch_size", str(settings.batch_size),
@@ -224,14 +341,10 @@ def finetune_argv(settings: Settings, method: str, seed: int, base: str, data: P
     ]  # fmt: skip
     if method == "lora":
         argv += ["--baseline", "lora"]
-    if method == "flexlora_grad":
-        argv += ["--init_from_gradient", "true"]
     if method == "flexlora_fixed":
         argv += ["--b0", "0"]  # argparse keeps the last occurrence
     if method != "lora":
-        argv += shlex.split(BASE_FLEXLORA_FLAGS) + shlex.split(settings.flexlora_flags)
-    if method == "flexlora_grad":
-        argv += ["--init_basis", "orthonormal"]  # the gradient alignment rotates an orthonormal basis
+        argv += shlex.split(settings.flexlora_flags)
     return argv
 
 
@@ -283,7 +396,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "record.json").unlink(missing_ok=True)  # only a run that finishes leaves a record
     base = (work / "base_path.txt").read_text().strip()
-    record: dict[str, Any] = {"method": method, "seed": seed_value, "settings": dataclasses.asdict(settings)}
+    record = new_record(method, seed_value, settings)
     adapter = None
     if method != "base":
         assert seed_value is not None
@@ -436,8 +549,8 @@ def report(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         f"SmolLM2-135M-Instruct (4-bit NF4), BIG-bench {settings.task}: {settings.steps} steps x batch "
         f"{settings.batch_size} at lr {settings.lr:g}, r {settings.r} on q/k/v/up/down; lm-eval on the first "
         f"{settings.eval_limit} held-out rows. % mean ± std over seeds {seeds} (per seed); "
-        "wins = seeds where that FlexLoRA variant > LoRA."
-        + f" FlexLoRA methods with `{settings.flexlora_flags or BASE_FLEXLORA_FLAGS}`.",
+        "wins = seeds where that FlexLoRA variant > LoRA. FlexLoRA methods with "
+        + (f"`{settings.flexlora_flags}`." if settings.flexlora_flags else "the library defaults."),
         "",
     ]
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)] or list(DEFAULT_METHODS)
@@ -525,7 +638,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     p.add_argument("--eval-batch-size", type=int, default=None, help=f"lm-eval batch ({defaults.eval_batch_size}).")
     p.add_argument(
         "--flexlora-flags", default=None,
-        help=f'finetune.py flags for the FlexLoRA methods ("{defaults.flexlora_flags}"; "" = λ at a constant 10x, v0.2).',
+        help='finetune.py flags for the FlexLoRA methods over the library defaults (default ""), e.g. '
+        '"--svd_prune false"; normalised: a flag at the value the run has anyway is dropped.',
     )
     p.add_argument("--jobs", type=int, default=None, help="Runs at a time, one worker subprocess each (2; smoke 1).")
     p.add_argument("--threads", type=int, default=None, help="Torch threads per worker (cores / jobs).")
@@ -540,7 +654,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     args = p.parse_args(argv)
 
     overrides = {name: getattr(args, name) for name in FLAG_SETTINGS if getattr(args, name) is not None}
-    args.settings = Settings(**((SMOKE if args.smoke else {}) | overrides))
+    try:
+        args.settings = Settings(**((SMOKE if args.smoke else {}) | overrides))
+    except ValueError as err:  # a removed option at another value than the one kept, or not a FlexLoRA flag
+        p.error(str(err))
     args.seeds = args.seeds or ([0] if args.smoke else list(SEEDS))
     args.jobs = args.jobs or (1 if args.smoke else 2)
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)

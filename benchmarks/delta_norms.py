@@ -6,9 +6,9 @@
 Reads any PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``; FlexLoRA's export writes one
 beside its native files, with a per-module ``rank_pattern`` / ``alpha_pattern``) and reports, per folder, the mean
 Frobenius norm of ΔW = scaling · B A over the modules of each type (the module path's last part: ``q_proj``,
-``up_proj``, ...). It is the diagnostic behind ``lam_lr_rule`` (docs/benchmarks.md): PEFT LoRA's updates grow with a
-matrix's output width (B has d_out x r entries, each moved by Adam at about lr per step), FlexLoRA's λ-driven ones
-with the λ rate alone.
+``up_proj``, ...). It is the diagnostic behind the λ learning-rate study (docs/benchmarks.md; the per-matrix λ rate it
+motivated was measured and folded, λ trains at the optimizer's rate): PEFT LoRA's updates grow with a matrix's output
+width (B has d_out x r entries, each moved by Adam at about lr per step), FlexLoRA's λ-driven ones with λ's rate alone.
 """
 
 from __future__ import annotations

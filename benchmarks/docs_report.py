@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .specs import is_library_default
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -65,8 +67,13 @@ def headline() -> str:
     rows += _decoder_row("decoder_check_intent_v06.json", "v0.6")
     controls = _load("controls.json")
     for task, methods in (controls or {}).get("custom", {}).items():
-        default = methods.get(f"flexlora:init_basis=lora_like,lam_lr_ratio=1,lr={_lora_lr(methods)}")
-        lora = methods.get(f"lora:lr={_lora_lr(methods)}")
+        # the library defaults at LoRA's rate, however the spec names them (the records: with the study's legacy keys)
+        lr = _lora_lr(methods)
+        default = next(
+            (v for k, v in sorted(methods.items()) if is_library_default(k) and f"lr={lr}" in k.partition(":")[2].split(",")),
+            None,
+        )
+        lora = methods.get(f"lora:lr={lr}")
         if default and lora:
             rows.append(
                 f"| MiniLM-L6, BIG-bench {task}, at LoRA's rate, {default['stats']['n']} seeds "

@@ -169,7 +169,7 @@ def measure(r: int, args: argparse.Namespace, device: torch.device) -> dict[str,
         (ranks, caps), s_maps = _timed(lambda: (fm.rank_map(), fm.rank_caps()), device)
         plan, s_plan = _timed(
             lambda scores=scores, ranks=ranks, caps=caps: plan_reallocation(
-                scores, ranks, cfg.b0, min_rank=cfg.min_rank, max_rank=caps, allocation=cfg.allocation
+                scores, ranks, cfg.b0, max_rank=caps, allocation=cfg.allocation
             ),
             device,
         )

@@ -207,7 +207,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=None)
     p.add_argument("--flexlora-flags", default=None, help="As in benchmarks.decoder_check (default: its default).")
     p.add_argument(
-        "--extra-flags", default="", help="More finetune.py flags, after the check's (e.g. --basis_lr_ratio 2)."
+        "--extra-flags", default="", help="More finetune.py flags, after the check's (e.g. --orth_reg_weight 0)."
     )
     p.add_argument("--lam-beta2", type=float, default=None, help="Adam β2 of λ's groups (diagnostic).")
     p.add_argument(

@@ -15,10 +15,12 @@ The study (issue "a drop-in FlexLoRA that learns at least as well as LoRA at the
    rate that is best for their LoRA).
 3. **Tuned** table: every method at its own selected rate, seeds 0-2.
 4. **Ablations** on the cheapest task, seeds 0-2, FlexLoRA at LoRA's selected rate: the paper's Tables 4-6
-   (importance, allocation, expansion init) and each of our non-paper defaults switched off one at a time
-   (``init_basis=gaussian``, ``lam_lr_ratio=1``, ``adam_reset=shared_step``) plus all of them off together
-   (``paper``), and the orthogonality term off (``orth_reg_weight=0``; γ = 0.1 is kept from AdaLoRA). Our defaults
-   switched off are also run on multiemo (the task where LoRA's rate is 1e-3, the drop-in case v0.1 failed).
+   (importance, allocation, expansion init), the AdaLoRA-style gaussian start instead of ours
+   (``init_basis=gaussian``) and the orthogonality term off (``orth_reg_weight=0``; γ = 0.1 is kept from AdaLoRA).
+   The last two are also run on multiemo (the task where LoRA's rate is 1e-3, the drop-in case v0.1 failed).
+   The study's records also hold ablations of switches the library has since folded (``lam_lr_ratio=1``,
+   ``adam_reset=shared_step`` and the ``paper`` combination, `RETIRED_ABLATIONS`): they are reported from the
+   records and never run again.
 
 The table phases start once every selection run is in the runs file (a shard that finishes selection early polls).
 
@@ -27,10 +29,18 @@ classifier; BIG-bench tasks via `flexlora_hf.data.bigbench.load_bigbench_classif
 42), train split subsampled to ``steps x batch`` rows (cycled when smaller), validation to ``--n-eval`` rows.
 Equal budget: every method adapts the same 36 matrices (query, key, value, attention output, intermediate, output)
 with rank 8, ``lora_alpha`` 16, and trains the classifier head in full. FlexLoRA: b0 = 4, eq. 4 schedule with
-T_warmup = T_final = 20 % of the steps, Δ_T = 5 %, λ at a constant 10x and P, Q at 1x (`STUDY_LAMBDA_RATE`, the v0.2 defaults), every
-other field at the library default. AdaLoRA: init_r 12, target_r 8 (equal final budget), same tinit / tfinal /
+T_warmup = T_final = 20 % of the steps, Δ_T = 5 %, every other field at the library default plus the spec's
+overrides (``flexlora:init_basis=gaussian,lr=0.001``). AdaLoRA: init_r 12, target_r 8 (equal final budget), same tinit / tfinal /
 deltaT, orthogonality weight 0.1. Same optimizer (AdamW, no weight decay, linear schedule, 10 % warm-up), batch 16,
 300 steps.
+
+Records made before the library folded its switches (those without ``spec_base``) ran their spec over the v0.2
+study's pinned base instead (`LEGACY_STUDY_BASE`: λ at a constant 10x its own rate, the orthonormal start), so the
+same spec string can mean another run today: ``flexlora:lr=0.001`` then had λ at 10x, which cannot run any more,
+while ``flexlora:init_basis=lora_like,lam_lr_ratio=1,lr=0.001`` (the controls' spec) was and is the library
+defaults. A runs file is only resumed for a spec that means the same run both ways (`check_same_meaning`); the other
+old records are history, reported as they are. A spec naming a removed field at its kept value (``lam_lr_ratio=1``)
+still runs (the name is dropped, `benchmarks.specs`); at any other value it is refused.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ from typing import Any
 import torch
 
 from .common import machine_info, mean_std, offline_env, pick_device, setup_logging, write_json
+from .specs import REMOVED_FIELDS, config_defaults, drop_removed, parse_method
 
 logger = logging.getLogger("benchmarks.quality")
 
@@ -76,8 +87,10 @@ METHODS = ("lora", "adalora", "flexlora")
 LRS = (5e-4, 1e-3, 2e-3, 5e-3)
 SELECT_SEED = 100
 TABLE_SEEDS = (0, 1, 2)
+# The v0.2 study's "paper" combination: every non-paper default of its time off together (records only).
 PAPER = "init_basis=gaussian,lam_lr_ratio=1,adam_reset=shared_step"
-ABLATIONS = (
+# Every ablation the report shows, in its order; the variants naming a folded switch are RETIRED_ABLATIONS.
+ABLATION_ROWS = (
     "importance=nuclear",
     "importance=frobenius",
     "allocation=prune_only",
@@ -90,15 +103,23 @@ ABLATIONS = (
     "orth_reg_weight=0",
     PAPER,
 )
+# Variants that name a removed FlexLoRAConfig field: `lam_lr_ratio=1` is now the only behaviour (nothing to ablate),
+# `adam_reset=shared_step` and `paper` cannot run. Their records stay in the report; they are never planned.
+RETIRED_ABLATIONS = tuple(v for v in ABLATION_ROWS if set(parse_method(f"flexlora:{v}")[1]) & set(REMOVED_FIELDS))
+ABLATIONS = tuple(v for v in ABLATION_ROWS if v not in RETIRED_ABLATIONS)
 # Cut to fit the 2-core budget (stated in docs/benchmarks.md): ablations use the first ABLATION_SEEDS table seeds.
 # (AdaLoRA on logical_fallacy_detection, cut in the first v2 sessions, was run in a later one.)
 ABLATION_SEEDS = 3
-OUR_DEFAULTS_OFF = ("init_basis=gaussian", "lam_lr_ratio=1", "adam_reset=shared_step", "orth_reg_weight=0", PAPER)
-# The adapter's rates and basis in every FlexLoRA run of this study: λ at a constant 10x, P and Q at the optimizer's
-# rate, the orthonormal basis, the library defaults when the runs file was made (v0.2). Pinned so the recorded method
-# specs keep their meaning (`lam_lr_ratio=1` is the paper's single rate); the library defaults since v0.5 are the spec
-# `flexlora:init_basis=lora_like,lam_lr_ratio=1` (docs/benchmarks.md).
-STUDY_LAMBDA_RATE = {"lam_lr_rule": "constant", "lam_lr_ratio": 10.0, "basis_lr_ratio": 1.0, "init_basis": "orthonormal"}
+# Also on the drop-in task: the variants of the library's own (non-paper) choices (rows in report order).
+DROPIN_ABLATION_ROWS = ("init_basis=gaussian", "lam_lr_ratio=1", "adam_reset=shared_step", "orth_reg_weight=0", PAPER)
+OUR_DEFAULTS_OFF = tuple(v for v in DROPIN_ABLATION_ROWS if v not in RETIRED_ABLATIONS)
+# What a FlexLoRA spec overrode in the records written before `spec_base` existed: the v0.2 study pinned λ at a
+# constant 10x its own rate, P and Q at the optimizer's, and the orthonormal start, so that its specs kept their meaning
+# (under it, the library defaults since v0.5 were the spec `flexlora:init_basis=lora_like,lam_lr_ratio=1`). Used only
+# to read those records (`check_same_meaning`); no run is built on it any more.
+LEGACY_STUDY_BASE = {"lam_lr_rule": "constant", "lam_lr_ratio": 10.0, "basis_lr_ratio": 1.0, "init_basis": "orthonormal"}
+# `spec_base` of the records written since: the spec's overrides apply to the library defaults.
+SPEC_BASE = "library"
 DEFAULT_RUNS = Path("benchmarks/results/quality_runs.jsonl")
 DEFAULT_REPORT = Path("benchmarks/results/quality.json")
 
@@ -216,22 +237,38 @@ def load_task(task: str, n_train: int, n_eval: int, tokenizer: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------- methods
-
-# ---------------------------------------------------------------------------------------------------------- methods
-def _coerce(value: str) -> Any:
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    for kind in (int, float):
-        with contextlib.suppress(ValueError):
-            return kind(value)
-    return value
+def flexlora_overrides(method: str) -> dict[str, Any]:
+    """The `FlexLoRAConfig` overrides of a FlexLoRA spec (``lr`` aside): a removed field at the behaviour kept is
+    dropped (``lam_lr_ratio=1``), at any other value it raises `ValueError` naming the field."""
+    _, overrides = parse_method(method)
+    overrides.pop("lr", None)
+    return drop_removed(overrides, method)
 
 
-def parse_method(method: str) -> tuple[str, dict[str, Any]]:
-    """``flexlora:importance=nuclear,lr=0.01`` -> ("flexlora", {"importance": "nuclear", "lr": 0.01})."""
-    name, _, rest = method.partition(":")
-    overrides = {k: _coerce(v) for k, v in (item.split("=", 1) for item in rest.split(",") if item)}
-    return name, overrides
+def _meaning(method: str, base: dict[str, Any]) -> dict[str, Any] | None:
+    """The config fields a FlexLoRA spec sets over `base` and the library defaults; None if it cannot run today."""
+    _, overrides = parse_method(method)
+    overrides.pop("lr", None)
+    try:
+        return config_defaults() | drop_removed(base | overrides, method)
+    except ValueError:
+        return None
+
+
+def check_same_meaning(rows: list[dict[str, Any]], run: dict[str, Any], runs_file: Path | str = "the runs file") -> None:
+    """Refuse a FlexLoRA run that cannot run today, or whose spec meant another run in older records of the same task
+    in `rows` (made over `LEGACY_STUDY_BASE`): resuming would put two different runs under one key."""
+    if parse_method(run["method"])[0] != "flexlora":
+        return
+    flexlora_overrides(run["method"])
+    old = [r for r in rows if (r["task"], r["method"]) == (run["task"], run["method"]) and r.get("spec_base") != SPEC_BASE]
+    if old and _meaning(run["method"], LEGACY_STUDY_BASE) != _meaning(run["method"], {}):
+        raise ValueError(
+            f"{run['method']!r} on {run['task']}: {runs_file} holds {len(old)} run(s) of this spec made when specs "
+            f"overrode the v0.2 study's base {LEGACY_STUDY_BASE} (λ at 10x its own rate, a removed option); today "
+            "the spec means the library defaults plus its overrides, another run. Those records are history: write "
+            "new runs to another --runs-file."
+        )
 
 
 def schedule(steps: int) -> dict[str, int]:
@@ -260,11 +297,10 @@ def make_trainer(method: str, model: Any, args: argparse.Namespace, targs: Any, 
             "lora_alpha": args.alpha,
             "target_modules": list(TARGETS),
             "b0": args.b0,
-            "seed": targs.seed,  # everything else (γ, init basis, Adam reset) at the library defaults
-            **STUDY_LAMBDA_RATE,
+            "seed": targs.seed,  # everything else (γ, init basis, ...) at the library defaults
             **sched,
         }
-        cfg = FlexLoRAConfig(**(fields | overrides))
+        cfg = FlexLoRAConfig(**(fields | flexlora_overrides(method)))
         return FlexLoRATrainer(model=model, flexlora_config=cfg, **common)
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
@@ -399,6 +435,7 @@ def train_one(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "lr": float(parse_method(run["method"])[1].get("lr", args.lr)),
         "threads": torch.get_num_threads(),
+        "spec_base": SPEC_BASE,
     }
 
 
@@ -523,7 +560,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
                 cells.append(f"{_cell(vals)} @ {lr:g}{extra}")
             lines.append(f"| {t} ({100 * maj:.1f}) | " + " | ".join(cells) + " |")
     # ablations: the paper's Tables 4-6 and our defaults on the cheapest task, our defaults on the drop-in task
-    for task, variants in ((ABLATION_TASK, ABLATIONS), (DROPIN_ABLATION_TASK, OUR_DEFAULTS_OFF)):
+    for task, variants in ((ABLATION_TASK, ABLATION_ROWS), (DROPIN_ABLATION_TASK, DROPIN_ABLATION_ROWS)):
         abl_lr = selected_lr(rows, task, "lora")
         if abl_lr is None or task not in tasks:
             continue
@@ -533,6 +570,8 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         for v in ("lora", "default", *variants):
             method = method_at("lora" if v == "lora" else "flexlora" if v == "default" else f"flexlora:{v}", abl_lr)
             vals = _group(rows, task, method, abl_seeds)
+            if v in RETIRED_ABLATIONS and not vals:
+                continue  # never run again: a row only where the records hold it
             ranks = [r["ranks"].get("total_rank") for r in rows if r["task"] == task and r["method"] == method and r["seed"] in abl_seeds]
             result["ablations"].setdefault(task, {})[v] = {"per_seed": vals, "stats": mean_std(list(vals.values())) if vals else None}
             lines.append(f"| {v} | {_cell(vals)} | {'/'.join(str(x) for x in ranks if x is not None) or '-'} |")
@@ -549,7 +588,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(STUDY_TASKS))
     p.add_argument("--seeds", type=int, nargs="+", default=list(TABLE_SEEDS))
     p.add_argument("--custom", nargs="+", default=None, metavar="METHOD",
-                   help="Only run these method specs (e.g. 'flexlora:lr=0.001,lam_lr_ratio=3') on --tasks x --seeds.")
+                   help="Only run these method specs (e.g. 'flexlora:importance=random,lr=0.001') on --tasks x --seeds.")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -566,7 +605,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-file", type=Path, default=DEFAULT_REPORT)
     p.add_argument("--report", action="store_true", help="Only aggregate the runs file.")
     p.add_argument("--poll", type=float, default=20.0, help="Seconds between checks while other shards select.")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for method in args.custom or ():
+        if parse_method(method)[0] == "flexlora":
+            try:
+                flexlora_overrides(method)
+            except ValueError as err:
+                p.error(str(err))
+    return args
 
 
 def _run_and_append(run: dict[str, Any], args: argparse.Namespace) -> None:
@@ -602,6 +648,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             done = {run_key(r) for r in rows}
             pending = [r for r in unique(phase(rows)) if run_key(r) not in done]
             mine = [r for r in pending if zlib.crc32(run_key(r).encode()) % n == i]  # stable: no run twice
+            for run in mine:
+                check_same_meaning(rows, run, args.runs_file)
             if mine:
                 _run_and_append(mine[0], args)  # one at a time: re-read the file, other shards may have finished runs
                 continue

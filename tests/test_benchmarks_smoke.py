@@ -108,6 +108,44 @@ def test_quality_plan_selection_then_tables() -> None:
     assert quality.schedule(200) == {"t_warmup": 40, "t_final": 40, "delta_t": 10}
 
 
+def test_quality_specs_keep_their_records_and_refuse_what_cannot_run() -> None:
+    from benchmarks import quality
+
+    # the controls' specs name a removed switch at the behaviour kept: dropped, so they build today's config ...
+    spec = "flexlora:init_basis=lora_like,lam_lr_ratio=1,importance=random,lr=0.001"
+    assert quality.flexlora_overrides(spec) == {"init_basis": "lora_like", "importance": "random"}
+    controls = quality.load_runs(ROOT / "benchmarks/results/controls_runs.jsonl")
+    for method in {r["method"] for r in controls}:  # ... and resume their records (the same run both ways)
+        quality.check_same_meaning(controls, {"task": "multiemo", "method": method, "seed": 3})
+    with pytest.raises(ValueError, match="no longer has 'adam_reset'"):
+        quality.flexlora_overrides("flexlora:adam_reset=shared_step,lr=0.001")
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--custom", "flexlora:lam_lr_ratio=3,lr=0.001"])
+    # ablations of folded switches are records only, never planned
+    assert quality.RETIRED_ABLATIONS == ("lam_lr_ratio=1", "adam_reset=shared_step", quality.PAPER)
+    assert not set(quality.RETIRED_ABLATIONS) & set(quality.ABLATIONS + quality.OUR_DEFAULTS_OFF)
+    # in the v0.2 study's records `flexlora:lr=0.001` had λ at 10x: today's spec is another run, not resumed there
+    study = quality.load_runs(ROOT / "benchmarks/results/quality_runs.jsonl")
+    with pytest.raises(ValueError, match="history"):
+        quality.check_same_meaning(study, {"task": "multiemo", "method": "flexlora:lr=0.001", "seed": 3})
+    mine = [{**r, "spec_base": quality.SPEC_BASE} for r in study]  # the same keys written since: resumable
+    quality.check_same_meaning(mine, {"task": "multiemo", "method": "flexlora:lr=0.001", "seed": 3})
+    quality.check_same_meaning(study, {"task": "winowhy", "method": "flexlora:lr=0.001", "seed": 3})  # no old runs there
+
+
+@pytest.mark.parametrize(
+    ("runs", "report", "tasks"),
+    [("quality_runs.jsonl", "quality.json", []), ("controls_runs.jsonl", "controls.json", ["--tasks", "multiemo"])],
+)
+def test_quality_reports_still_render_from_the_committed_records(runs, report, tasks, tmp_path: Path) -> None:
+    from benchmarks import quality
+
+    results = ROOT / "benchmarks" / "results"
+    args = quality.parse_args(["--runs-file", str(results / runs), "--report-file", str(tmp_path / "r.json"), *tasks])
+    committed = json.loads((results / report).read_text())
+    assert quality.report(args)["markdown"] == committed["markdown"]  # retired ablations included
+
+
 def test_gpu_check_cpu_smoke(tmp_path: Path) -> None:
     """The GPU check's --device cpu smoke run: every part runs and writes its JSON and the summary."""
     from benchmarks import gpu_check
