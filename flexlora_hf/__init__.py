@@ -1,6 +1,7 @@
 """Entropy-guided FlexLoRA (flexible low-rank adaptation) for the Hugging Face stack.
 
-ΔW = P·diag(λ)·Q adapters whose ranks move between matrices during training, guided by the spectral entropy of λ.
+ΔW = P·diag(λ)·Q adapters whose ranks move between matrices during training, guided by the spectral entropy of
+each ΔW's singular values. The top level holds what a LoRA user needs; the math is in `flexlora_hf.functional`.
 
 Every public name is resolved on first use (PEP 562), so `import flexlora_hf` imports nothing heavy, and the
 adapter core (`config`, `scoring`, `spectrum`, `schedule`, `allocation`, `layer`, `model`, `events`) never pulls in
@@ -10,6 +11,7 @@ transformers, peft, bitsandbytes, lm-eval, matplotlib, datasets or huggingface_h
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from ._logging import silence_bitsandbytes_import
@@ -17,80 +19,63 @@ from .constants import __version__ as __version__
 
 silence_bitsandbytes_import()
 
-# public name -> submodule that defines it
+# public name -> submodule that defines it: what a LoRA user needs (config, model, loader, trainers, 4-bit base,
+# lm-eval entry, rank transfer). The math lives in `flexlora_hf.functional`, the rest in its own module.
 _EXPORTS: dict[str, str] = {
     "FlexLoRAArguments": "arguments",
     "FlexLoRACallback": "trainer",
     "FlexLoRAConfig": "config",
-    "FlexLoRALayer": "layer",
     "FlexLoRAModel": "model",
     "FlexLoRASFTTrainer": "integrations.trl",  # needs trl (pip install flexlora_hf[trl])
     "FlexLoRATrainer": "trainer",
     "FlexLoRATrainerMixin": "trainer",
-    "ReallocationPlan": "allocation",
-    "budget_at": "schedule",
-    "build_model_card": "model_card",
-    "event_steps": "schedule",
+    "evaluate_adapter": "evaluation",  # needs lm-eval (pip install flexlora_hf[eval])
     "get_flexlora_model": "model",
-    "guard_bnb_cpu": "quantization",
-    "importance": "scoring",
-    "importance_batched": "scoring",
-    "is_event_step": "schedule",
-    "load_adapter_into": "io.native",
-    "load_flexlora": "model",
     "load_base_model": "quantization",
+    "load_flexlora": "model",
+    "to_lora_config": "transfer",
+}
+
+# Top-level names kept for one release with a FutureWarning: name -> the module to import it from.
+_DEPRECATED: dict[str, str] = {
+    "FlexLoRALayer": "layer",
+    "ReallocationPlan": "functional",
+    "budget_at": "functional",
+    "event_steps": "functional",
+    "importance": "functional",
+    "importance_batched": "functional",
+    "is_event_step": "functional",
+    "plan_reallocation": "functional",
+    "spectral_entropy": "functional",
+    "build_model_card": "model_card",
+    "guard_bnb_cpu": "quantization",
+    "load_adapter_into": "io.native",
     "load_peft_view": "warm_start",
     "lora_config_from_pretrained": "transfer",
     "lora_config_from_rank_map": "transfer",
-    "plan_reallocation": "allocation",
     "plot_rank_history": "plotting",
     "push_to_hub": "hub",
     "save_flexlora": "io.save",
-    "spectral_entropy": "scoring",
-    "to_lora_config": "transfer",
-    # lm-eval is optional and slow to import
     "FlexLoRALM": "evaluation",
-    "evaluate_adapter": "evaluation",
     "prepare_bigbench_eval_data": "evaluation",
     "results_table": "evaluation",
 }
 
-
-__all__ = [
-    "FlexLoRAArguments",
-    "FlexLoRACallback",
-    "FlexLoRAConfig",
-    "FlexLoRALayer",
-    "FlexLoRAModel",
-    "FlexLoRASFTTrainer",
-    "FlexLoRATrainer",
-    "FlexLoRATrainerMixin",
-    "ReallocationPlan",
-    "budget_at",
-    "build_model_card",
-    "event_steps",
-    "get_flexlora_model",
-    "guard_bnb_cpu",
-    "importance",
-    "importance_batched",
-    "is_event_step",
-    "load_adapter_into",
-    "load_base_model",
-    "load_flexlora",
-    "load_peft_view",
-    "lora_config_from_pretrained",
-    "lora_config_from_rank_map",
-    "plan_reallocation",
-    "plot_rank_history",
-    "push_to_hub",
-    "save_flexlora",
-    "spectral_entropy",
-    "to_lora_config",
-]
+_OPTIONAL = ("FlexLoRASFTTrainer", "evaluate_adapter")  # importable by name; `import *` must not need trl / lm-eval
+__all__ = sorted(set(_EXPORTS) - set(_OPTIONAL))
 
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
+    if module is None and name in _DEPRECATED:
+        module = _DEPRECATED[name]
+        warnings.warn(
+            f"`flexlora_hf.{name}` is deprecated and will be removed from the top level in the next release; import "
+            f"it from its module: `from flexlora_hf.{module} import {name}`.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return getattr(importlib.import_module(f".{module}", __name__), name)  # not cached: each use warns
     if module is None:
         raise AttributeError(f"module 'flexlora_hf' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
@@ -103,24 +88,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
-    from .allocation import ReallocationPlan, plan_reallocation
-    from .arguments import FlexLoRAArguments
-    from .config import FlexLoRAConfig
-    from .evaluation import FlexLoRALM as FlexLoRALM
+    from .arguments import FlexLoRAArguments as FlexLoRAArguments
+    from .config import FlexLoRAConfig as FlexLoRAConfig
     from .evaluation import evaluate_adapter as evaluate_adapter
-    from .evaluation import prepare_bigbench_eval_data as prepare_bigbench_eval_data
-    from .evaluation import results_table as results_table
-    from .hub import push_to_hub
-    from .integrations.trl import FlexLoRASFTTrainer
-    from .io.native import load_adapter_into
-    from .io.save import save_flexlora
-    from .layer import FlexLoRALayer
-    from .model import FlexLoRAModel, get_flexlora_model, load_flexlora
-    from .model_card import build_model_card
-    from .plotting import plot_rank_history
-    from .quantization import guard_bnb_cpu, load_base_model
-    from .schedule import budget_at, event_steps, is_event_step
-    from .scoring import importance, importance_batched, spectral_entropy
-    from .trainer import FlexLoRACallback, FlexLoRATrainer, FlexLoRATrainerMixin
-    from .transfer import lora_config_from_pretrained, lora_config_from_rank_map, to_lora_config
-    from .warm_start import load_peft_view
+    from .integrations.trl import FlexLoRASFTTrainer as FlexLoRASFTTrainer
+    from .model import FlexLoRAModel as FlexLoRAModel
+    from .model import get_flexlora_model as get_flexlora_model
+    from .model import load_flexlora as load_flexlora
+    from .quantization import load_base_model as load_base_model
+    from .trainer import FlexLoRACallback as FlexLoRACallback
+    from .trainer import FlexLoRATrainer as FlexLoRATrainer
+    from .trainer import FlexLoRATrainerMixin as FlexLoRATrainerMixin
+    from .transfer import to_lora_config as to_lora_config

@@ -13,7 +13,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import lm_dataset, trainer_llama, training_args  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from flexlora_hf import FlexLoRAConfig, FlexLoRATrainer, plan_reallocation  # noqa: E402
+from flexlora_hf import FlexLoRAConfig, FlexLoRATrainer
+from flexlora_hf.functional import plan_reallocation
 
 
 class Disagree(TrainerCallback):

@@ -39,7 +39,8 @@ from transformers import (
     TrainingArguments,
 )
 
-from flexlora_hf import FlexLoRAConfig, FlexLoRAModel, get_flexlora_model, plan_reallocation
+from flexlora_hf import FlexLoRAConfig, FlexLoRAModel, get_flexlora_model
+from flexlora_hf.functional import plan_reallocation
 
 VOCAB = 100  # the adapter tests' models (and `inputs`)
 DATA_VOCAB = 64  # the token range of `lm_dataset` / `cls_dataset`, and the Trainer tests' models

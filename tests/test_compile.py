@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import tiny_llama
 
-from flexlora_hf import FlexLoRAConfig, ReallocationPlan, get_flexlora_model
+from flexlora_hf import FlexLoRAConfig, get_flexlora_model
+from flexlora_hf.functional import ReallocationPlan
 
 
 @pytest.mark.slow

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from flexlora_hf import FlexLoRAConfig, FlexLoRALayer, get_flexlora_model
+from flexlora_hf import FlexLoRAConfig, get_flexlora_model
 from flexlora_hf.allocation import ReallocationPlan
+from flexlora_hf.layer import FlexLoRALayer
 from flexlora_hf.model import FlexLoRAModel, expansion_generator
 from flexlora_hf.optim_surgery import lambda_parameters, param_groups, reset_slots
 from flexlora_hf.slot_age import correction

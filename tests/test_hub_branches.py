@@ -24,7 +24,8 @@ from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 from peft import PeftModel
 from transformers import LlamaForCausalLM
 
-from flexlora_hf import FlexLoRAModel, save_flexlora
+from flexlora_hf import FlexLoRAModel
+from flexlora_hf.io.save import save_flexlora
 
 TOKEN = "hf_test_token"
 OTHER_TOKEN = "hf_other_token"

@@ -17,7 +17,9 @@ from helpers import (
 )
 from reference_impl import masked_forward, masked_orth_reg
 
-from flexlora_hf import FlexLoRAConfig, FlexLoRALayer, FlexLoRATrainer, get_flexlora_model, plan_reallocation
+from flexlora_hf import FlexLoRAConfig, FlexLoRATrainer, get_flexlora_model
+from flexlora_hf.functional import plan_reallocation
+from flexlora_hf.layer import FlexLoRALayer
 
 BUILDERS = {"llama": tiny_llama, "bert": tiny_bert}
 

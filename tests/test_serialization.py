@@ -19,17 +19,12 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import load_file
 from transformers import RobertaConfig, RobertaForSequenceClassification
 
-from flexlora_hf import (
-    FlexLoRAConfig,
-    FlexLoRAModel,
-    get_flexlora_model,
-    load_adapter_into,
-    load_flexlora,
-    plan_reallocation,
-    save_flexlora,
-)
+from flexlora_hf import FlexLoRAConfig, FlexLoRAModel, get_flexlora_model, load_flexlora
+from flexlora_hf.functional import plan_reallocation
 from flexlora_hf.io import atomic
+from flexlora_hf.io.native import load_adapter_into
 from flexlora_hf.io.peft_view import peft_export
+from flexlora_hf.io.save import save_flexlora
 from flexlora_hf.model_card import build_model_card, load_template, rank_tables
 from flexlora_hf.plotting import depth_order, plot_rank_history, short_module_types, split_module_path
 

@@ -16,8 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from flexlora_hf import FlexLoRAConfig, ReallocationPlan, get_flexlora_model, spectral_entropy
+from flexlora_hf import FlexLoRAConfig, get_flexlora_model
 from flexlora_hf.events import run_event
+from flexlora_hf.functional import ReallocationPlan, spectral_entropy
 from flexlora_hf.optim_surgery import param_groups
 from flexlora_hf.spectrum import factored_singular_values, factored_svd, gram_singular_values, truncation_error
 

@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "flexlora_hf"
 CORE = (
-    "config", "constants", "choices", "scoring", "spectrum", "schedule", "allocation", "targets", "directions", "layer",
+    "config", "constants", "choices", "scoring", "spectrum", "schedule", "allocation", "functional", "targets", "directions", "layer",
     "optim_surgery", "slot_age", "sharding", "merging", "events", "model",
 )
 HEAVY = ("transformers", "peft", "bitsandbytes", "lm_eval", "matplotlib", "datasets", "huggingface_hub", "sklearn", "scipy")
@@ -193,9 +193,35 @@ def test_quiet_import_mutes_only_the_import_of_that_module(tmp_path) -> None:
 def test_every_public_name_imports() -> None:
     import flexlora_hf
 
-    for name in [*flexlora_hf.__all__, "FlexLoRALM", "evaluate_adapter", "results_table", "prepare_bigbench_eval_data"]:
+    for name in [*flexlora_hf.__all__, "FlexLoRASFTTrainer", "evaluate_adapter"]:
         assert getattr(flexlora_hf, name) is not None, name
     assert flexlora_hf.__version__
+    assert len(flexlora_hf.__all__) <= 12  # what a LoRA user reads in a minute; the math is in flexlora_hf.functional
+
+
+def test_deprecated_top_level_names_warn_and_name_their_new_home() -> None:
+    import flexlora_hf
+    from flexlora_hf import functional
+    from flexlora_hf.io.save import save_flexlora
+
+    with pytest.warns(FutureWarning, match=r"from flexlora_hf\.functional import spectral_entropy"):
+        assert flexlora_hf.spectral_entropy is functional.spectral_entropy
+    with pytest.warns(FutureWarning, match=r"from flexlora_hf\.io\.save import save_flexlora"):
+        from flexlora_hf import save_flexlora as old
+    assert old is save_flexlora
+    with pytest.warns(FutureWarning):  # not cached: every use says so
+        assert flexlora_hf.spectral_entropy is functional.spectral_entropy
+    assert "spectral_entropy" not in dir(flexlora_hf) and "spectral_entropy" not in flexlora_hf.__all__
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = flexlora_hf.nope
+
+
+def test_functional_holds_the_pure_math_only() -> None:
+    from flexlora_hf import functional
+
+    for name in functional.__all__:
+        value = getattr(functional, name)
+        assert value.__module__.rsplit(".", 1)[-1] in ("spectrum", "scoring", "schedule", "allocation"), name
 
 
 def test_every_export_is_what_it_names_even_after_every_submodule_is_imported() -> None:
@@ -208,7 +234,7 @@ def test_every_export_is_what_it_names_even_after_every_submodule_is_imported() 
     for info in pkgutil.walk_packages(flexlora_hf.__path__, "flexlora_hf."):
         if not info.name.startswith(("flexlora_hf.tasks", "flexlora_hf.data")):
             importlib.import_module(info.name)
-    for name in flexlora_hf.__all__:
+    for name in [*flexlora_hf.__all__, *flexlora_hf._OPTIONAL]:
         value = getattr(flexlora_hf, name)
         assert not inspect.ismodule(value), f"flexlora_hf.{name} is a module"
         assert inspect.isclass(value) or inspect.isfunction(value), (name, type(value))

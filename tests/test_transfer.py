@@ -20,14 +20,10 @@ from hub_stub import LocalHub
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
-from flexlora_hf import (
-    FlexLoRAModel,
-    load_peft_view,
-    lora_config_from_pretrained,
-    lora_config_from_rank_map,
-    save_flexlora,
-    to_lora_config,
-)
+from flexlora_hf import FlexLoRAModel, to_lora_config
+from flexlora_hf.io.save import save_flexlora
+from flexlora_hf.transfer import lora_config_from_pretrained, lora_config_from_rank_map
+from flexlora_hf.warm_start import load_peft_view
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_test_token"
