@@ -10,7 +10,7 @@ The three methods are built with the same rank ``r``, ``lora_alpha``, dropout an
 * ``flexlora``: `FlexLoRAConfig(r=r)` with ``max_rank = r + capacity_extra`` slots per matrix (the slots the
   forward pass really computes over; 21 extra is what the paper's LLaMA3-8B schedule needs, see
   ``docs/benchmarks.md``), orthogonality term γ·R added to the loss as `FlexLoRATrainer` does, and reallocation
-  events from `flexlora_hf.events.run_event` on the schedule's event steps (after ``optimizer.step()``).
+  events from `flexlora_hf.adapter.events.run_event` on the schedule's event steps (after ``optimizer.step()``).
 * ``adalora``: PEFT `AdaLoraConfig(init_r=..., target_r=...)`; PEFT adds its orthogonality term inside the forward
   pass, and ``update_and_allocate(step)`` is called after every ``optimizer.step()`` (before ``zero_grad``) as PEFT
   requires.
@@ -405,7 +405,7 @@ class Trainee:
         }
 
     def _flexlora_event(self) -> tuple[float, float]:
-        from flexlora_hf.schedule import is_event_step
+        from flexlora_hf.functional.schedule import is_event_step
 
         fm: Any = self.model
         cfg = fm.flexlora_config

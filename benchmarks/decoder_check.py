@@ -79,7 +79,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from flexlora_hf.tasks.utils import BIGBENCH_SUBTASKS
+from flexlora_hf.integrations.tasks.utils import BIGBENCH_SUBTASKS
 
 from .common import machine_info, mean_std, offline_env, pick_device, setup_logging, write_json
 from .specs import REMOVED_FIELDS, drop_removed
@@ -99,7 +99,7 @@ LABELS = {
     "flexlora_fixed": "FlexLoRA, no reallocation (b0 0)",
 }
 SEEDS = (0, 1, 2)
-TASKS = tuple(BIGBENCH_SUBTASKS)  # the BIG-bench tasks with lm-eval configs in flexlora_hf/tasks
+TASKS = tuple(BIGBENCH_SUBTASKS)  # the BIG-bench tasks with lm-eval configs in flexlora_hf/integrations/tasks
 TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
 DEFAULT_RUNS = Path("benchmarks/results/decoder_check_intent_runs.jsonl")
 # The default check's aggregate (the library defaults since v0.6). The older aggregates (decoder_check_intent.json:
@@ -176,7 +176,7 @@ def recipe_flexlora_argv(settings: Settings) -> list[str]:
 def _flexlora_parser() -> Any:
     from transformers import HfArgumentParser
 
-    from flexlora_hf.arguments import FlexLoRAArguments
+    from flexlora_hf.integrations.arguments import FlexLoRAArguments
 
     return HfArgumentParser(FlexLoRAArguments)
 
@@ -387,7 +387,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     """Train (unless ``base``) and score one run in this process; writes and returns its record."""
     import torch
 
-    from flexlora_hf.evaluation import evaluate_adapter
+    from flexlora_hf.integrations.evaluation import evaluate_adapter
 
     method, _, seed = args.worker.partition(":")
     seed_value = int(seed) if seed else None
@@ -438,7 +438,7 @@ def train_path(work: Path, settings: Settings) -> Path:
 def prepare(args: argparse.Namespace, settings: Settings) -> None:
     """Model folder, training rows and held-out rows, once (each step is skipped when its output exists)."""
     from flexlora_hf.data.assets import materialize_smollm2
-    from flexlora_hf.tasks.utils import prepare_bigbench_eval_data
+    from flexlora_hf.integrations.tasks.utils import prepare_bigbench_eval_data
 
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ points of the paper's commonsense schedule, an upper bound on the events). Only 
 spectrum), every adapter tensor gets a random gradient and one real `torch.optim.AdamW` step creates the state
 (exp_avg, exp_avg_sq) that the event's surgery resets.
 
-What is timed (median over ``--repeats`` events, each a real `flexlora_hf.events.run_event` with budget b0 = 4):
+What is timed (median over ``--repeats`` events, each a real `flexlora_hf.adapter.events.run_event` with budget b0 = 4):
 importance of all 160 matrices, the plan, 4 prunes + 4 expansions and the in-place AdamW state reset; plus a
 breakdown (importance / rank and cap maps / plan / apply_plan with surgery) and the per-step orthogonality term
 (forward + backward), which FlexLoRA pays every step.
@@ -134,8 +134,8 @@ def _timed(fn: Any, device: torch.device) -> tuple[Any, float]:
 
 
 def measure(r: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    from flexlora_hf.allocation import plan_reallocation
-    from flexlora_hf.events import run_event
+    from flexlora_hf.adapter.events import run_event
+    from flexlora_hf.functional.allocation import plan_reallocation
 
     t0 = time.perf_counter()
     fm, opt = build(r, args.capacity_extra, device, seed=args.seed)

@@ -44,7 +44,7 @@ def adapter_factors(model: Any) -> dict[str, tuple[Any, Any, Any]]:
     """{module path: (ΔW (out, in), output factor, input factor)} for every FlexLoRA or PEFT LoRA layer, detached."""
     from peft.tuners.lora import LoraLayer
 
-    from flexlora_hf.layer import FlexLoRALayer
+    from flexlora_hf.adapter.layer import FlexLoRALayer
 
     out = {}
     for name, module in model.named_modules():
@@ -70,7 +70,7 @@ def motion_callback(stop: int, window: int = 10, lam_beta2: float | None = None)
     `window` steps in `.nets` ({end step: {module type: mean ||ΔW_end - ΔW_start||}}), and stops after `stop` steps."""
     from transformers import TrainerCallback
 
-    from flexlora_hf.optim_surgery import lambda_parameters, unwrap_optimizer
+    from flexlora_hf.optim.surgery import lambda_parameters, unwrap_optimizer
 
     class Motion(TrainerCallback):
         def __init__(self) -> None:

@@ -11,7 +11,7 @@ The three lines a custom loop needs, in PEFT AdaLoRA's vocabulary, are marked ``
    optimizer steps; it runs the scheduled reallocation event (or nothing) exactly as ``FlexLoRACallback`` does,
    resetting the optimizer moments of the touched directions in place.
 
-Build the optimizer from ``flexlora_hf.optim_surgery.param_groups``: λ gets its own group (never weight decay), as
+Build the optimizer from ``flexlora_hf.optim.surgery.param_groups``: λ gets its own group (never weight decay), as
 ``FlexLoRATrainer`` does.
 
 Example (offline, real model; a text file with one document per line)::
@@ -22,7 +22,7 @@ Example (offline, real model; a text file with one document per line)::
 FSDP2 (``fully_shard``): the same loop, launched with torchrun and ``--fsdp2``; every decoder block and the model are
 sharded, each process trains on its rows of every batch, and every process calls ``save_pretrained`` (the adapter
 is gathered; process 0 writes). Nothing else changes: events gather the touched layers, eq. 2 is taken inside the
-forward (``flexlora_hf/sharding.py``)::
+forward (``flexlora_hf/distributed/sharding.py``)::
 
     torchrun --nproc_per_node 2 examples/accelerate_loop.py --fsdp2 --model_name_or_path ... --train_file ... \\
         --output_dir outputs/loop_fsdp2
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from flexlora_hf import FlexLoRAConfig, FlexLoRAModel, get_flexlora_model
-from flexlora_hf.optim_surgery import param_groups
+from flexlora_hf.optim.surgery import param_groups
 
 logger = logging.getLogger("accelerate_loop")
 

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from flexlora_hf.data.assets import minilm_path
     from flexlora_hf.data.bigbench import load_bigbench_classification
     from flexlora_hf.data.metrics import compute_metrics_for_task
-    from flexlora_hf.schedule import event_steps
+    from flexlora_hf.functional.schedule import event_steps
 
     transformers.utils.logging.set_verbosity_error()  # keep the console to the progress bar and FlexLoRA events
     logging.getLogger("flexlora_hf").setLevel(logging.INFO)  # one line per reallocation event

@@ -69,7 +69,7 @@ from transformers import (
 )
 
 from flexlora_hf import FlexLoRATrainer  # FlexLoRA: the Trainer that reallocates ranks
-from flexlora_hf.arguments import FlexLoRAArguments  # FlexLoRA: --r, --b0, --t_warmup, ... flags
+from flexlora_hf.integrations.arguments import FlexLoRAArguments  # FlexLoRA: --r, --b0, --t_warmup, ... flags
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import tiny_llama  # noqa: E402
 
 from flexlora_hf import FlexLoRAConfig, FlexLoRAModel, get_flexlora_model  # noqa: E402
-from flexlora_hf.optim_surgery import param_groups  # noqa: E402
-from flexlora_hf.sharding import full_tensor  # noqa: E402
+from flexlora_hf.distributed.sharding import full_tensor  # noqa: E402
+from flexlora_hf.optim.surgery import param_groups  # noqa: E402
 
 STEPS, RESUME_AT, LR = 12, 7, 5e-3
 GLOBAL_BATCH, LENGTH = 4, 12

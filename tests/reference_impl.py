@@ -6,8 +6,8 @@ from the contracts in the package docstrings, so that the vectorised package cod
 * `ref_entropy`: eq. 3, with the package's degenerate-case rules (rank <= 1 or all-zero λ -> 0).
 * `ref_nuclear`, `ref_frobenius`: eq. 7 (Table 4 baselines), normalised by the number of singular values n.
 * `ref_elem_energy_entropy`, `ref_mat_energy_entropy`: App. G eqs. 10 and 11, using |λ| as the magnitude.
-* `ref_budget`: b(t) as documented in `flexlora_hf/schedule.py` ("paper", "window", "constant").
-* `ref_plan`: a brute-force reallocation planner implementing the rules of `flexlora_hf/allocation.py`.
+* `ref_budget`: b(t) as documented in `flexlora_hf/functional/schedule.py` ("paper", "window", "constant").
+* `ref_plan`: a brute-force reallocation planner implementing the rules of `flexlora_hf/functional/allocation.py`.
 """
 
 from __future__ import annotations

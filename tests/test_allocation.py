@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference_impl import ref_plan
 
-from flexlora_hf.allocation import ReallocationPlan, plan_reallocation
 from flexlora_hf.config import ALLOCATIONS
+from flexlora_hf.functional.allocation import ReallocationPlan, plan_reallocation
 
 SETTINGS = settings(max_examples=100, deadline=None)
 

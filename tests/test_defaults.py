@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from flexlora_hf import FlexLoRAConfig, get_flexlora_model
-from flexlora_hf.allocation import ReallocationPlan
-from flexlora_hf.layer import FlexLoRALayer
-from flexlora_hf.model import FlexLoRAModel, expansion_generator
-from flexlora_hf.optim_surgery import lambda_parameters, param_groups, reset_slots
-from flexlora_hf.slot_age import correction
+from flexlora_hf.adapter.layer import FlexLoRALayer
+from flexlora_hf.adapter.model import FlexLoRAModel, expansion_generator
+from flexlora_hf.functional.allocation import ReallocationPlan
+from flexlora_hf.optim.slot_age import correction
+from flexlora_hf.optim.surgery import lambda_parameters, param_groups, reset_slots
 
 
 def _layer(basis: str = "orthonormal", d_in: int = 48, d_out: int = 40, r: int = 4, capacity: int = 6) -> FlexLoRALayer:

@@ -26,9 +26,9 @@ pytest.importorskip("lm_eval")
 from helpers import load_example, tiny_llama  # noqa: E402
 
 from flexlora_hf import FlexLoRAConfig  # noqa: E402
-from flexlora_hf.evaluation import FlexLoRALM, evaluate_adapter, results_table  # noqa: E402
-from flexlora_hf.tasks import TASKS_DIR  # noqa: E402
-from flexlora_hf.tasks.utils import (  # noqa: E402
+from flexlora_hf.integrations.evaluation import FlexLoRALM, evaluate_adapter, results_table  # noqa: E402
+from flexlora_hf.integrations.tasks import TASKS_DIR  # noqa: E402
+from flexlora_hf.integrations.tasks.utils import (  # noqa: E402
     LLM_ADAPTERS_DATASETS,
     bigbench_recipe_doc_to_choice,
     bigbench_recipe_doc_to_text,
@@ -94,7 +94,7 @@ def trained_adapter(tiny_base, tmp_path_factory) -> str:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-    from flexlora_hf.trainer import FlexLoRATrainer
+    from flexlora_hf.integrations.trainer import FlexLoRATrainer
 
     out = tmp_path_factory.mktemp("adapter")
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
@@ -219,7 +219,7 @@ def test_flexlora_model_4bit_base_from_model_args_string(tiny_base, trained_adap
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from flexlora_hf.layer import is_linear4bit
+    from flexlora_hf.adapter.layer import is_linear4bit
 
     results = simple_evaluate(
         model="flexlora",
@@ -510,7 +510,7 @@ def test_results_table(tmp_path):
 
 
 def test_cli_eval_prints_and_writes_table(tiny_base, trained_adapter, tiny_task_dir, tmp_path, capsys):
-    from flexlora_hf.cli import main
+    from flexlora_hf.integrations.cli import main
 
     out = tmp_path / "out"
     code = main(
@@ -539,21 +539,21 @@ def test_cli_eval_prints_and_writes_table(tiny_base, trained_adapter, tiny_task_
 
 
 def test_cli_prepare_bigbench(toy_bigbench, tmp_path, capsys):
-    from flexlora_hf.cli import main
+    from flexlora_hf.integrations.cli import main
 
     assert main(["prepare-bigbench", "--out_dir", str(tmp_path / "d"), "--tasks", "social_iqa", "--limit", "2"]) == 0
     assert len((tmp_path / "d" / "bigbench_social_iqa.jsonl").read_text().splitlines()) == 2
 
 
 def test_python_m_evaluation_forwards_to_lm_eval(tiny_base, trained_adapter, tiny_task_dir, tmp_path):
-    """`python -m flexlora_hf.evaluation` is lm-eval's CLI with the `flexlora` model registered."""
+    """`python -m flexlora_hf.integrations.evaluation` is lm-eval's CLI with the `flexlora` model registered."""
     out = tmp_path / "lm_eval_out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(
         [
             sys.executable,
             "-m",
-            "flexlora_hf.evaluation",
+            "flexlora_hf.integrations.evaluation",
             "--model",
             "flexlora",
             "--model_args",

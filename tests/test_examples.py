@@ -3,7 +3,7 @@
 Fast tests run the scripts' ``main(argv)`` in-process on tiny random models (a 2-layer BERT classifier and a
 2-layer Llama) saved to a temporary folder with a byte-level BPE tokenizer trained on local text in about a second,
 and on local csv/json/txt files, with a schedule short enough that reallocation events happen. They also cover
-`flexlora_hf.arguments` (the command-line face of `FlexLoRAConfig`). Slow tests use the real offline models
+`flexlora_hf.integrations.arguments` (the command-line face of `FlexLoRAConfig`). Slow tests use the real offline models
 (MiniLM-L6 with a BIG-bench task, SmolLM2-135M).
 """
 
@@ -23,7 +23,7 @@ from helpers import sentences as _sentences
 from transformers import HfArgumentParser, TrainingArguments
 
 from flexlora_hf import FlexLoRAConfig
-from flexlora_hf.arguments import FlexLoRAArguments, parse_max_rank, parse_module_list
+from flexlora_hf.integrations.arguments import FlexLoRAArguments, parse_max_rank, parse_module_list
 
 
 def load_script(name: str) -> ModuleType:

@@ -29,8 +29,8 @@ from helpers import tiny_bert, tiny_llama, trained
 from safetensors.torch import load_file, save_file
 
 from flexlora_hf import load_flexlora
+from flexlora_hf.adapter.layer import FlexLoRALayer
 from flexlora_hf.io.native import load_adapter_into
-from flexlora_hf.layer import FlexLoRALayer
 
 W, C, R, H = "flexlora_adapter.safetensors", "flexlora_config.json", "rank_map.json", "rank_history.json"
 NATIVE = (W, C, R, H)

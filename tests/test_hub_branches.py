@@ -179,7 +179,7 @@ def test_push_with_base_model_fills_card_and_peft_config(
     local_hub: LocalHub, local_base_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     fm = trained(lambda: LlamaForCausalLM.from_pretrained(local_base_dir), events=1)
-    with caplog.at_level(logging.WARNING, logger="flexlora_hf.hub"):
+    with caplog.at_level(logging.WARNING, logger="flexlora_hf.io.hub"):
         fm.push_to_hub("tester/from-local", token=TOKEN)
     assert "loaded from a local folder" in caplog.text and "base_model=" in caplog.text
     files = local_hub.files("tester/from-local")
@@ -187,7 +187,7 @@ def test_push_with_base_model_fills_card_and_peft_config(
     assert b"loaded from a local folder" in files["README.md"]
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="flexlora_hf.hub"):
+    with caplog.at_level(logging.WARNING, logger="flexlora_hf.io.hub"):
         fm.push_to_hub("tester/from-local", token=TOKEN, base_model=HUB_BASE)
     assert "local folder" not in caplog.text
     files = local_hub.files("tester/from-local")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from reference_impl import ref_entropy, ref_importance
 
 from flexlora_hf.config import IMPORTANCE_METRICS
-from flexlora_hf.scoring import importance, importance_batched, max_entropy, spectral_entropy
+from flexlora_hf.functional.scoring import importance, importance_batched, max_entropy, spectral_entropy
 
 SETTINGS = settings(max_examples=80, deadline=None)
 

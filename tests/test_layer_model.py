@@ -10,13 +10,13 @@ from helpers import random_lambda, tiny_bert, tiny_gpt2, tiny_llama
 from torch import nn
 from transformers.optimization import Adafactor
 
-from flexlora_hf.allocation import ReallocationPlan, plan_reallocation
+from flexlora_hf.adapter.layer import FlexLoRALayer
+from flexlora_hf.adapter.model import FlexLoRAModel, expansion_generator, get_flexlora_model
 from flexlora_hf.config import FlexLoRAConfig
-from flexlora_hf.layer import FlexLoRALayer
-from flexlora_hf.model import FlexLoRAModel, expansion_generator, get_flexlora_model
-from flexlora_hf.optim_surgery import UnsupportedOptimizerError, check_optimizer_supported, reset_slots
-from flexlora_hf.schedule import event_steps
-from flexlora_hf.scoring import importance
+from flexlora_hf.functional.allocation import ReallocationPlan, plan_reallocation
+from flexlora_hf.functional.schedule import event_steps
+from flexlora_hf.functional.scoring import importance
+from flexlora_hf.optim.surgery import UnsupportedOptimizerError, check_optimizer_supported, reset_slots
 
 # ------------------------------------------------------------------------------------------------ tiny models
 BUILDERS = {"llama": tiny_llama, "bert": tiny_bert, "gpt2": tiny_gpt2}

@@ -18,8 +18,8 @@ from helpers import (
 from reference_impl import masked_forward, masked_orth_reg
 
 from flexlora_hf import FlexLoRAConfig, FlexLoRATrainer, get_flexlora_model
+from flexlora_hf.adapter.layer import FlexLoRALayer
 from flexlora_hf.functional import plan_reallocation
-from flexlora_hf.layer import FlexLoRALayer
 
 BUILDERS = {"llama": tiny_llama, "bert": tiny_bert}
 

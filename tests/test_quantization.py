@@ -22,7 +22,7 @@ from helpers import lm_dataset, tiny_llama  # noqa: E402
 from transformers import AutoModelForCausalLM, TrainingArguments  # noqa: E402
 
 from flexlora_hf import FlexLoRAConfig, get_flexlora_model  # noqa: E402
-from flexlora_hf.quantization import (  # noqa: E402
+from flexlora_hf.adapter.quantization import (  # noqa: E402
     INSTALL_HINT,
     guard_bnb_cpu,
     is_linear4bit,
@@ -192,7 +192,7 @@ def test_wrapping_a_user_loaded_4bit_model_applies_the_guard(tiny_dir):
 
 # ---------------------------------------------------------------------------------------------- training
 def qlora_trainer(tmp_path, model, max_steps: int = 16):
-    from flexlora_hf.trainer import FlexLoRATrainer
+    from flexlora_hf.integrations.trainer import FlexLoRATrainer
 
     # γ = 0: the orthogonality term would give P and Q gradients of its own and hide a dead task-loss gradient.
     cfg = FlexLoRAConfig(
@@ -285,9 +285,9 @@ def test_without_the_guard_training_silently_stops_after_evaluation(tmp_path, ti
     """
     from peft import prepare_model_for_kbit_training
 
-    import flexlora_hf.model
+    import flexlora_hf.adapter.model
 
-    monkeypatch.setattr(flexlora_hf.model, "guard_bnb_cpu", lambda model: 0)
+    monkeypatch.setattr(flexlora_hf.adapter.model, "guard_bnb_cpu", lambda model: 0)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=make_bnb_config(torch.float32))
     model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
     trainer = qlora_trainer(tmp_path, model, max_steps=10)

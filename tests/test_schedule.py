@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from reference_impl import ref_budget, ref_event_steps
 
 from flexlora_hf.config import SCHEDULES
-from flexlora_hf.schedule import budget_at, event_steps, is_event_step
+from flexlora_hf.functional.schedule import budget_at, event_steps, is_event_step
 
 SETTINGS = settings(max_examples=80, deadline=None)
 

@@ -22,11 +22,11 @@ from transformers import RobertaConfig, RobertaForSequenceClassification
 from flexlora_hf import FlexLoRAConfig, FlexLoRAModel, get_flexlora_model, load_flexlora
 from flexlora_hf.functional import plan_reallocation
 from flexlora_hf.io import atomic
+from flexlora_hf.io.model_card import build_model_card, load_template, rank_tables
 from flexlora_hf.io.native import load_adapter_into
 from flexlora_hf.io.peft_view import peft_export
+from flexlora_hf.io.plotting import depth_order, plot_rank_history, short_module_types, split_module_path
 from flexlora_hf.io.save import save_flexlora
-from flexlora_hf.model_card import build_model_card, load_template, rank_tables
-from flexlora_hf.plotting import depth_order, plot_rank_history, short_module_types, split_module_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

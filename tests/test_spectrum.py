@@ -17,10 +17,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 from flexlora_hf import FlexLoRAConfig, get_flexlora_model
-from flexlora_hf.events import run_event
+from flexlora_hf.adapter.events import run_event
 from flexlora_hf.functional import ReallocationPlan, spectral_entropy
-from flexlora_hf.optim_surgery import param_groups
-from flexlora_hf.spectrum import factored_singular_values, factored_svd, gram_singular_values, truncation_error
+from flexlora_hf.functional.spectrum import (
+    factored_singular_values,
+    factored_svd,
+    gram_singular_values,
+    truncation_error,
+)
+from flexlora_hf.optim.surgery import param_groups
 
 D = 64
 NAMES = ("rank1", "flat8", "geom8", "rank2")
@@ -184,7 +189,7 @@ def test_an_event_with_no_spectral_information_moves_nothing(caplog) -> None:
     # lora_like at step 0: P = 0, so every ΔW is 0 and every score 0; the planner must not move rank by name
     model = get_flexlora_model(FourMaps(), FlexLoRAConfig(r=4, b0=2, target_modules=list(NAMES), total_steps=100,
                                                           t_warmup=10, t_final=10, delta_t=10))
-    with caplog.at_level(logging.INFO, logger="flexlora_hf.events"):
+    with caplog.at_level(logging.INFO, logger="flexlora_hf.adapter.events"):
         record = run_event(model, b=2, step=20)
     assert record["prune"] == [] and record["expand"] == []
     assert set(model.rank_map().values()) == {4}

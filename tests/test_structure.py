@@ -13,10 +13,19 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "flexlora_hf"
 CORE = (
-    "config", "constants", "choices", "scoring", "spectrum", "schedule", "allocation", "functional", "targets", "directions", "layer",
-    "optim_surgery", "slot_age", "sharding", "merging", "events", "model",
+    "config", "constants", "choices", "functional", "functional.scoring", "functional.spectrum", "functional.schedule",
+    "functional.allocation", "adapter.targets", "adapter.directions", "adapter.layer", "adapter.merging",
+    "adapter.events", "adapter.model", "optim.surgery", "optim.slot_age", "distributed.sharding",
 )
+# The storage side of io/: it sits below the model, the Hub and the card (which it reaches only lazily, if at all).
+IO_STORAGE = ("io.atomic", "io.validation", "io.native", "io.peft_view", "io.history", "io.save")
 HEAVY = ("transformers", "peft", "bitsandbytes", "lm_eval", "matplotlib", "datasets", "huggingface_hub", "sklearn", "scipy")
+
+
+def _path(name: str) -> Path:
+    """The file of a dotted module name under the package (a package's __init__.py)."""
+    base = PACKAGE.joinpath(*name.split("."))
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
 
 
 def _module_name(path: Path) -> str:
@@ -103,7 +112,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycle_inside_the_package() -> None:
     graph = import_graph()
-    assert "flexlora_hf.model" in graph and graph["flexlora_hf.model"], "the scan found no imports: it is broken"
+    assert "flexlora_hf.adapter.model" in graph and graph["flexlora_hf.adapter.model"], "the scan found no imports: it is broken"
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph) or [])}"
 
 
@@ -115,19 +124,51 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 def test_core_imports_only_the_core_at_module_level() -> None:
     # The model's convenience methods (save_pretrained / from_pretrained / push_to_hub) import the I/O and Hub
     # layers where they are used; nothing above the core is imported when the core loads.
-    core = {f"flexlora_hf.{n}" for n in CORE} | {"flexlora_hf.quantization"}
+    core = {f"flexlora_hf.{n}" for n in CORE} | {"flexlora_hf.adapter.quantization"}
     for name in CORE:
-        imported = _internal_imports(PACKAGE / f"{name}.py", top_level_only=True)
+        imported = _internal_imports(_path(name), top_level_only=True)
         assert imported <= core, f"flexlora_hf.{name} imports {imported - core} at module level"
-    lazy = import_graph()["flexlora_hf.model"] - core
-    assert lazy == {"flexlora_hf.hub", "flexlora_hf.io.native", "flexlora_hf.io.save", "flexlora_hf.transfer"}, lazy
+    lazy = import_graph()["flexlora_hf.adapter.model"] - core
+    assert lazy == {"flexlora_hf.io.hub", "flexlora_hf.io.native", "flexlora_hf.io.save", "flexlora_hf.io.transfer"}, lazy
 
 
 def test_nothing_above_the_core_is_imported_by_the_io_layer_at_runtime() -> None:
     graph = import_graph()
+    above = {"flexlora_hf.adapter.model", "flexlora_hf.integrations.trainer"}
     for name, imported in graph.items():
         if name.startswith("flexlora_hf.io"):
-            assert not imported & {"flexlora_hf.model", "flexlora_hf.trainer", "flexlora_hf.hub"}, (name, imported)
+            assert not imported & above, (name, imported)
+    for name in IO_STORAGE:
+        assert not graph[f"flexlora_hf.{name}"] & {"flexlora_hf.io.hub", "flexlora_hf.io.transfer"}, name
+
+
+def test_every_module_lives_in_its_layer() -> None:
+    """The top level holds only the package's face, config and shared constants; everything else is in a layer."""
+    top = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert top == ["__init__", "_compat", "_logging", "choices", "config", "constants"], top
+    layers = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+    assert layers == ["adapter", "data", "distributed", "functional", "integrations", "io", "optim", "templates"], layers
+
+
+def test_old_module_paths_import_the_same_module_with_a_warning() -> None:
+    code = (
+        "import warnings, sys\n"
+        "warnings.simplefilter('error', ImportWarning)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always', FutureWarning)\n"
+        "    import flexlora_hf.optim_surgery as old\n"
+        "    from flexlora_hf.tasks.utils import prepare_bigbench_eval_data\n"
+        "import flexlora_hf.optim.surgery as new, flexlora_hf.integrations.tasks.utils as u\n"
+        "assert old is new and old.__spec__.name == 'flexlora_hf.optim.surgery', old.__spec__\n"
+        "assert sys.modules['flexlora_hf.tasks.utils'] is u\n"
+        "assert prepare_bigbench_eval_data is u.prepare_bigbench_eval_data\n"
+        "msgs = [str(x.message) for x in w if issubclass(x.category, FutureWarning)]\n"
+        "assert any('flexlora_hf.optim.surgery' in m for m in msgs), msgs\n"
+        "import flexlora_hf\n"
+        "assert flexlora_hf.model is sys.modules['flexlora_hf.adapter.model']\n"
+    )
+    out = _fresh_python(code)
+    assert out.returncode == 0, out.stderr
 
 
 def _fresh_python(code: str) -> subprocess.CompletedProcess[str]:
@@ -232,7 +273,7 @@ def test_every_export_is_what_it_names_even_after_every_submodule_is_imported() 
     import flexlora_hf
 
     for info in pkgutil.walk_packages(flexlora_hf.__path__, "flexlora_hf."):
-        if not info.name.startswith(("flexlora_hf.tasks", "flexlora_hf.data")):
+        if not info.name.startswith(("flexlora_hf.integrations.tasks", "flexlora_hf.data")):
             importlib.import_module(info.name)
     for name in [*flexlora_hf.__all__, *flexlora_hf._OPTIONAL]:
         value = getattr(flexlora_hf, name)

@@ -12,9 +12,9 @@ from helpers import cls_dataset, lm_dataset, trainer_bert, trainer_llama, traini
 from transformers import Trainer, TrainerCallback
 
 from flexlora_hf import FlexLoRACallback, FlexLoRAConfig, FlexLoRATrainer, get_flexlora_model
-from flexlora_hf.allocation import ReallocationPlan
-from flexlora_hf.optim_surgery import unwrap_optimizer
-from flexlora_hf.trainer import unwrap_flexlora
+from flexlora_hf.functional.allocation import ReallocationPlan
+from flexlora_hf.integrations.trainer import unwrap_flexlora
+from flexlora_hf.optim.surgery import unwrap_optimizer
 
 SCHED = dict(r=4, lora_alpha=8, b0=2, t_warmup=4, t_final=4, delta_t=2, schedule="constant")
 

@@ -11,8 +11,8 @@ from helpers import lm_dataset, trainer_llama, training_args
 from transformers import Trainer
 
 from flexlora_hf import FlexLoRACallback, FlexLoRAConfig, FlexLoRATrainer, get_flexlora_model
-from flexlora_hf.optim_surgery import UnsupportedOptimizerError, check_state_layout
-from flexlora_hf.trainer import check_distributed_engine
+from flexlora_hf.integrations.trainer import check_distributed_engine
+from flexlora_hf.optim.surgery import UnsupportedOptimizerError, check_state_layout
 
 SCHED = dict(r=4, lora_alpha=8, b0=2, t_warmup=4, t_final=4, delta_t=2, schedule="constant")
 
@@ -21,14 +21,14 @@ def test_callback_without_the_mixin_warns_once_that_eq2_is_off(tmp_path, caplog)
     fm = get_flexlora_model(trainer_llama(), FlexLoRAConfig(**SCHED, total_steps=12))
     trainer = Trainer(model=fm, args=training_args(str(tmp_path), max_steps=12), train_dataset=lm_dataset(),
                       callbacks=[FlexLoRACallback()])
-    with caplog.at_level(logging.WARNING, logger="flexlora_hf.trainer"):
+    with caplog.at_level(logging.WARNING, logger="flexlora_hf.integrations.trainer"):
         trainer.train()
     hits = [r for r in caplog.records if "NOT added to the loss" in r.getMessage()]
     assert len(hits) == 1 and "FlexLoRATrainerMixin" in hits[0].getMessage()
     assert fm.rank_history  # the events still happened
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="flexlora_hf.trainer"):
+    with caplog.at_level(logging.WARNING, logger="flexlora_hf.integrations.trainer"):
         FlexLoRATrainer(model=trainer_llama(), args=training_args(str(tmp_path / "b"), max_steps=12),
                         train_dataset=lm_dataset(), flexlora_config=FlexLoRAConfig(**SCHED)).train()
     assert not [r for r in caplog.records if "NOT added to the loss" in r.getMessage()]
@@ -94,7 +94,7 @@ def test_lora_typical_rate_gets_one_hint_for_a_late_basis(tmp_path, caplog) -> N
 
     def hints(out: str, lr: float, **cfg) -> list[logging.LogRecord]:
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="flexlora_hf.trainer"):
+        with caplog.at_level(logging.INFO, logger="flexlora_hf.integrations.trainer"):
             FlexLoRATrainer(model=trainer_llama(), args=training_args(str(tmp_path / out), learning_rate=lr),
                             train_dataset=lm_dataset(), flexlora_config=FlexLoRAConfig(**SCHED, **cfg))
         return [r for r in caplog.records if "LoRA-typical rate" in r.getMessage()]

@@ -22,8 +22,8 @@ from peft import PeftModel
 from transformers import EarlyStoppingCallback, Trainer
 
 from flexlora_hf import FlexLoRACallback, FlexLoRAConfig, FlexLoRAModel, FlexLoRATrainer, get_flexlora_model
-from flexlora_hf.model_card import rank_tables
-from flexlora_hf.optim_surgery import StaleOptimizerError, unwrap_optimizer
+from flexlora_hf.io.model_card import rank_tables
+from flexlora_hf.optim.surgery import StaleOptimizerError, unwrap_optimizer
 
 SCHED = dict(r=4, lora_alpha=8, b0=2, t_warmup=4, t_final=4, delta_t=2, schedule="constant")
 SHORT = {**SCHED, "t_warmup": 2, "t_final": 2}  # events at steps 4 and 6 of an 8-step run

@@ -1,4 +1,4 @@
-"""Rank-map transfer (`flexlora_hf.transfer`): FlexLoRA's allocation as a stock PEFT `LoraConfig`.
+"""Rank-map transfer (`flexlora_hf.io.transfer`): FlexLoRA's allocation as a stock PEFT `LoraConfig`.
 
 A PEFT LoRA built from `to_lora_config()` must have exactly the saved rank map (rank-0 modules left out, with a log
 line) and the scale its alpha policy promises; loading the PEFT view that `save_pretrained` writes into it must
@@ -22,8 +22,8 @@ from peft.tuners.lora import LoraLayer
 
 from flexlora_hf import FlexLoRAModel, to_lora_config
 from flexlora_hf.io.save import save_flexlora
-from flexlora_hf.transfer import lora_config_from_pretrained, lora_config_from_rank_map
-from flexlora_hf.warm_start import load_peft_view
+from flexlora_hf.io.transfer import lora_config_from_pretrained, lora_config_from_rank_map
+from flexlora_hf.io.warm_start import load_peft_view
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_test_token"
@@ -70,7 +70,7 @@ def test_lora_from_the_config_has_the_rank_map_and_reproduces_the_logits(
     fm, path, zero = bert_adapter
     saved = json.loads((path / "rank_map.json").read_text())
     assert saved[zero] == 0 and len(set(saved.values())) > 2  # ranks moved, one module emptied
-    with caplog.at_level(logging.INFO, logger="flexlora_hf.transfer"):
+    with caplog.at_level(logging.INFO, logger="flexlora_hf.io.transfer"):
         cfg = fm.to_lora_config(alpha_policy=alpha_policy)
     assert "at rank 0 left out" in caplog.text and zero in caplog.text
     assert cfg.modules_to_save == ["classifier"] and cfg.task_type == "SEQ_CLS"

@@ -3,12 +3,12 @@
 
 Data: the LLM-Adapters `commonsense_170k.json` format, a JSON list of `{"instruction", "input", "output", "answer"}`
 rows (LLM-Adapters' `ft-training_set/commonsense_170k.json`, or a small local file from `make_data.py`). Every row is
-rendered with LLM-Adapters' Alpaca-style training prompt (`flexlora_hf.tasks.utils.llm_adapters_train_prompt`),
+rendered with LLM-Adapters' Alpaca-style training prompt (`flexlora_hf.integrations.tasks.utils.llm_adapters_train_prompt`),
 truncated to `--cutoff_len` tokens, EOS appended; the loss is masked on the prompt (`--train_on_inputs` to train on
 it as LLM-Adapters' default does). `--val_set_size` rows are held out (seed 42) for the Trainer's evaluation.
 
 Model: `--load_in_4bit` loads the base in 4-bit NF4 with double quantisation (QLoRA) via
-`flexlora_hf.quantization.load_base_model` (PEFT's `prepare_model_for_kbit_training` plus the bitsandbytes CPU
+`flexlora_hf.adapter.quantization.load_base_model` (PEFT's `prepare_model_for_kbit_training` plus the bitsandbytes CPU
 guard); otherwise bf16 on GPU / fp32 on CPU. `FlexLoRATrainer` wraps it with FlexLoRA adapters and performs the rank
 reallocation events; the adapter (native FlexLoRA files + a stock PEFT LoRA view) is saved to `--output_dir`
 together with the rank history and heatmap.
@@ -56,8 +56,8 @@ from transformers import (
 )
 
 from flexlora_hf import FlexLoRAArguments, FlexLoRAConfig, FlexLoRATrainer
-from flexlora_hf.quantization import load_base_model
-from flexlora_hf.tasks.utils import llm_adapters_train_prompt
+from flexlora_hf.adapter.quantization import load_base_model
+from flexlora_hf.integrations.tasks.utils import llm_adapters_train_prompt
 
 logger = logging.getLogger("finetune")
 

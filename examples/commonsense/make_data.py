@@ -2,7 +2,7 @@
 """Build a small commonsense_170k-format training file from BIG-bench, fully offline (for `smollm2_cpu.sh`).
 
 Takes the *training* part of BIG-bench multiple-choice tasks (every row except the held-out 0, 5, 10, ... rows that
-the offline lm-eval tasks `flexlora_bigbench_<task>` score, see `flexlora_hf.tasks.utils.bigbench_train_eval_split`)
+the offline lm-eval tasks `flexlora_bigbench_<task>` score, see `flexlora_hf.integrations.tasks.utils.bigbench_train_eval_split`)
 and writes them as the JSON list LLM-Adapters' `commonsense_170k.json` uses:
 
     {"instruction": "Please choose the correct answer to the question: ...\\n\\nAnswer1: ... Answer2: ... Answer3: ...
@@ -25,7 +25,7 @@ import os
 import random
 import sys
 
-from flexlora_hf.tasks.utils import bigbench_to_commonsense, bigbench_train_eval_split
+from flexlora_hf.integrations.tasks.utils import bigbench_to_commonsense, bigbench_train_eval_split
 
 logger = logging.getLogger("make_data")
 

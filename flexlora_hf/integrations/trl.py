@@ -42,9 +42,9 @@ try:  # helpers of trl 1.x that are not public API: tested with trl 1.16
 except ImportError:  # pragma: no cover - a trl without them neither patches forward nor loads ids this way
     add_fused_lm_head = create_model_from_path = None  # type: ignore[assignment]
 
+from ..adapter.model import FlexLoRAModel, get_flexlora_model
 from ..config import FlexLoRAConfig
-from ..model import FlexLoRAModel, get_flexlora_model
-from ..trainer import FlexLoRATrainerMixin
+from .trainer import FlexLoRATrainerMixin
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from ..constants import HEATMAP_NAME, RANK_HISTORY_NAME
 from .atomic import atomic_write, write_json
 
 if TYPE_CHECKING:
-    from ..model import FlexLoRAModel
+    from ..adapter.model import FlexLoRAModel
 
 logger = logging.getLogger(__name__)
 _warned_no_plot = False
@@ -37,7 +37,7 @@ def write_rank_history(model: FlexLoRAModel, output_dir: str) -> None:
             100 * motion["churn"],
         )
     try:
-        from ..plotting import plot_rank_history
+        from .plotting import plot_rank_history
 
         def draw(tmp: str) -> None:
             plot_rank_history(model, tmp)

@@ -27,6 +27,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from ..adapter.layer import FlexLoRALayer, is_supported_layer, layer_shape
+from ..adapter.targets import check_max_rank_keys, modules_to_save_roots
 from ..config import FlexLoRAConfig
 from ..constants import (
     FLEXLORA_CONFIG_NAME,
@@ -35,8 +37,6 @@ from ..constants import (
     RANK_HISTORY_NAME,
     RANK_MAP_NAME,
 )
-from ..layer import FlexLoRALayer, is_supported_layer, layer_shape
-from ..targets import check_max_rank_keys, modules_to_save_roots
 from .atomic import atomic_write
 from .validation import (
     check_capacities,
@@ -54,7 +54,7 @@ from .validation import (
 )
 
 if TYPE_CHECKING:
-    from ..model import FlexLoRAModel
+    from ..adapter.model import FlexLoRAModel
 
 logger = logging.getLogger(__name__)
 

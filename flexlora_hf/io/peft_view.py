@@ -11,7 +11,7 @@ PEFT view (stock `PeftModel.from_pretrained(base, folder)`, no flexlora_hf neede
 `base_model_name_or_path` is the base config's `_name_or_path` (a Hub id, or the local folder it was loaded from,
 see [`is_local_path`]) unless the caller names the Hub id (`save_flexlora(..., model_card_kwargs={"base_model":
 ...})`, `push_to_hub(..., base_model=...)`). [`pattern_order`] is the one rule for ordering exact-path pattern
-keys, shared with the rank-map transfer (`flexlora_hf.transfer`).
+keys, shared with the rank-map transfer (`flexlora_hf.io.transfer`).
 
 peft is imported only inside [`peft_export`].
 """
@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..adapter.targets import modules_to_save_roots
 from ..constants import PEFT_KEY_PREFIX
-from ..targets import modules_to_save_roots
 from .native import modules_to_save_state, peft_module_path
 
 if TYPE_CHECKING:
-    from ..model import FlexLoRAModel
+    from ..adapter.model import FlexLoRAModel
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..adapter.targets import modules_to_save_roots
 from ..constants import (
     FLEXLORA_CONFIG_NAME,
     FLEXLORA_WEIGHTS_NAME,
@@ -20,15 +21,14 @@ from ..constants import (
     RANK_MAP_NAME,
     __version__,
 )
-from ..sharding import gathered, uses_fsdp2
-from ..targets import modules_to_save_roots
+from ..distributed.sharding import gathered, uses_fsdp2
 from .atomic import write_json, write_text
 from .history import write_rank_history
 from .native import native_state, write_safetensors
 from .peft_view import base_model_name_or_path, peft_export
 
 if TYPE_CHECKING:
-    from ..model import FlexLoRAModel
+    from ..adapter.model import FlexLoRAModel
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _save(
     write_json(os.path.join(save_directory, FLEXLORA_CONFIG_NAME), config)
 
     write_rank_history(model, save_directory)
-    from ..model_card import build_model_card  # the card sits above the I/O layer (it reads the saved views)
+    from .model_card import build_model_card  # the card sits above the I/O layer (it reads the saved views)
 
     card = build_model_card(model, **dict(model_card_kwargs or {}))
     write_text(os.path.join(save_directory, MODEL_CARD_NAME), str(card))
