@@ -60,9 +60,11 @@ from transformers import (
     set_seed,
 )
 
-from flexlora_hf import FlexLoRATrainer  # FlexLoRA: the Trainer that reallocates ranks
+from flexlora_hf import (  # FlexLoRA: --r, --b0, ... flags; the Trainer that reallocates
+    FlexLoRAArguments,
+    FlexLoRATrainer,
+)
 from flexlora_hf.data.metrics import normalize_glue_task  # flexlora_hf extra: GLUE task aliases (sst-2, mnli-m)
-from flexlora_hf.integrations.arguments import FlexLoRAArguments  # FlexLoRA: --r, --b0, --t_warmup, ... flags
 
 logger = logging.getLogger(__name__)
 

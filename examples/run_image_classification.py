@@ -68,8 +68,10 @@ from transformers import (
     set_seed,
 )
 
-from flexlora_hf import FlexLoRATrainer  # FlexLoRA: the Trainer that reallocates ranks
-from flexlora_hf.integrations.arguments import FlexLoRAArguments  # FlexLoRA: --r, --b0, --t_warmup, ... flags
+from flexlora_hf import (  # FlexLoRA: --r, --b0, ... flags; the Trainer that reallocates
+    FlexLoRAArguments,
+    FlexLoRATrainer,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -55,8 +55,7 @@ from transformers import (
     set_seed,
 )
 
-from flexlora_hf import FlexLoRAArguments, FlexLoRAConfig, FlexLoRATrainer
-from flexlora_hf.adapter.quantization import load_base_model
+from flexlora_hf import FlexLoRAArguments, FlexLoRAConfig, FlexLoRATrainer, load_base_model
 from flexlora_hf.integrations.tasks.utils import llm_adapters_train_prompt
 
 logger = logging.getLogger("finetune")
