@@ -26,7 +26,10 @@ import logging
 import math
 import os
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -92,6 +95,48 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         with contextlib.suppress(ImportError):
             info[mod] = __import__(mod).__version__
     return info
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str) -> str | None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        proc = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30, check=False)
+        if proc.returncode == 0:
+            return proc.stdout.strip()
+    return None
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """`argv` (default ``sys.argv``) as one shell line; a module of this repository run with ``-m`` reads as
+    ``python -m benchmarks.<name> ...``."""
+    argv = list(sys.argv if argv is None else argv)
+    if argv and argv[0].endswith(".py"):
+        head = Path(argv[0]).resolve()
+        if head.is_relative_to(ROOT) and (head.parent / "__init__.py").is_file():
+            argv = ["python", "-m", ".".join(head.relative_to(ROOT).with_suffix("").parts), *argv[1:]]
+    return shlex.join(argv)
+
+
+def provenance() -> dict[str, Any]:
+    """What made a record: ``flexlora_hf_version``, ``git_commit`` (``git rev-parse HEAD``, ``+dirty`` when a
+    tracked file differs from it; None outside a git checkout), ``machine`` (platform, CPU count, torch version, the
+    GPU if any) and ``command`` (this process's command line). Every new record of a study carries it."""
+    import flexlora_hf
+
+    commit = _git("rev-parse", "HEAD")
+    if commit and _git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    machine = f"{platform.platform()}; {os.cpu_count()} CPUs; torch {torch.__version__}"
+    if torch.cuda.is_available():
+        machine += f"; {torch.cuda.get_device_name()}"
+    return {
+        "flexlora_hf_version": flexlora_hf.__version__,
+        "git_commit": commit or None,
+        "machine": machine,
+        "command": command_line(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------- stats

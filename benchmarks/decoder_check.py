@@ -34,7 +34,7 @@ the first setting found where a 135M decoder learns the *answer* within a CPU bu
 the methods can be told apart: the training loss sits at the answer token's chance level (ln 7 over the ~7 trained
 tokens) until step ~100 and then falls. The settings tried before, kept as flags and in docs/benchmarks.md, learn only
 the answer format: social_iqa (60 steps x batch 8 at 1e-3, the first version of this check: ``--task social_iqa
---steps 60 --batch-size 8 --lr 1e-3 --runs-file benchmarks/results/decoder_check_runs.jsonl``; also 200 steps),
+--steps 60 --batch-size 8 --lr 1e-3``, its records in ``benchmarks/results/archive/``; also 200 steps),
 multiemo (``--task multiemo --cutoff-len 256``), and intent_recognition at 60 x 8 (training loss at chance to the
 end). ``--methods ... flexlora_fixed`` adds the same adapter with b0 = 0 (no reallocation: what the P·diag(λ)·Q form
 costs without the events). ``--only RUN ...`` runs exactly the named runs (``lora-s1``, ``base``).
@@ -81,7 +81,7 @@ from typing import Any
 
 from flexlora_hf.integrations.tasks.utils import BIGBENCH_SUBTASKS
 
-from .common import machine_info, mean_std, offline_env, pick_device, setup_logging, write_json
+from .common import machine_info, mean_std, offline_env, pick_device, provenance, setup_logging, write_json
 from .specs import REMOVED_FIELDS, drop_removed
 
 logger = logging.getLogger("benchmarks.decoder_check")
@@ -102,8 +102,9 @@ SEEDS = (0, 1, 2)
 TASKS = tuple(BIGBENCH_SUBTASKS)  # the BIG-bench tasks with lm-eval configs in flexlora_hf/integrations/tasks
 TARGETS = "q_proj,k_proj,v_proj,up_proj,down_proj"
 DEFAULT_RUNS = Path("benchmarks/results/decoder_check_intent_runs.jsonl")
-# The default check's aggregate (the library defaults since v0.6). The older aggregates (decoder_check_intent.json:
-# v0.3-v0.4, decoder_check_intent_loralike.json: v0.5, ...) were made under flags that cannot run any more: history.
+# The default check's aggregate (the library defaults since v0.6). The older aggregates
+# (decoder_check_intent_loralike.json: v0.5; archive/decoder_check_intent.json: v0.3-v0.4, ...) were made under flags
+# that cannot run any more: history.
 DEFAULT_REPORT = Path("benchmarks/results/decoder_check_intent_v06.json")
 DEFAULT_WORK = Path("outputs/decoder_check")
 SMOKE_DIR = Path("outputs/decoder_check_smoke")
@@ -481,6 +482,7 @@ def _launch(run: dict[str, Any], args: argparse.Namespace, worker_flags: list[st
 
 
 def _append(record: dict[str, Any], args: argparse.Namespace, settings: Settings) -> None:
+    record.setdefault("provenance", provenance())  # the main process's command, not the worker's
     with open(args.runs_file, "a") as f:
         f.write(json.dumps(record) + "\n")
     recipe, natural = settings.eval_tasks
@@ -542,6 +544,7 @@ def report(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         "n_runs": len(rows),
         "settings": dataclasses.asdict(settings) | {"n_train": settings.n_train, **schedule(settings.steps)},
         "machine": machine_info(pick_device("cpu")),
+        "provenance": provenance(),
         "scores": {},
         "training": {},
     }

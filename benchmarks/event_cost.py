@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m benchmarks.event_cost --output benchmarks/results/event_cost.json
+    python -m benchmarks.run event_cost                   # the study: benchmarks/studies/event_cost.toml
+    python -m benchmarks.event_cost --output OUT.json     # any other arguments
 
 What is built: a module tree shaped like LLaMA3-8B (32 layers; q 4096->4096, k and v 4096->1024 (GQA, 8 KV heads),
 up 4096->14336, down 14336->4096; hidden 4096, intermediate 14336) whose linear layers are *shape-only*
@@ -38,7 +39,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import machine_info, offline_env, pick_device, setup_logging, summarize, synchronize, write_json
+from .common import (
+    machine_info,
+    offline_env,
+    pick_device,
+    provenance,
+    setup_logging,
+    summarize,
+    synchronize,
+    write_json,
+)
 
 logger = logging.getLogger("benchmarks.event_cost")
 
@@ -235,6 +245,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "benchmark": "event_cost",
         "config": vars(args),
         "machine": machine_info(device),
+        "provenance": provenance(),
         "assumptions": {
             "paper_steps": PAPER_STEPS,
             "paper_lora_hours": PAPER_LORA_HOURS,

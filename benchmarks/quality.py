@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-from .common import machine_info, mean_std, offline_env, pick_device, setup_logging, write_json
+from .common import machine_info, mean_std, offline_env, pick_device, provenance, setup_logging, write_json
 from .specs import REMOVED_FIELDS, config_defaults, drop_removed, parse_method
 
 logger = logging.getLogger("benchmarks.quality")
@@ -519,6 +519,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
         "n_runs": len(rows),
         "settings": {k: rows[0][k] for k in ("steps", "batch_size", "n_eval")} if rows else {},
         "machine": machine_info(pick_device(args.device)),
+        "provenance": provenance(),
         "selection": {},
         "dropin": {},
         "tuned": {},
@@ -617,7 +618,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _run_and_append(run: dict[str, Any], args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
-    record = train_one(run, args)
+    record = train_one(run, args) | {"provenance": provenance()}
     with open(args.runs_file, "a") as f:  # one short line per run: O_APPEND keeps shards from interleaving
         f.write(json.dumps(record) + "\n")
     logger.info(

@@ -189,3 +189,102 @@ def test_generated_doc_blocks_match_the_records() -> None:
     from benchmarks.docs_report import main
 
     assert main(["--check"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------- the runner
+CONTROLS_SPECS = [
+    "flexlora:init_basis=lora_like,lam_lr_ratio=1,lr=0.001",
+    "flexlora:init_basis=lora_like,lam_lr_ratio=1,b0=0,lr=0.001",
+    "flexlora:init_basis=lora_like,lam_lr_ratio=1,importance=random,lr=0.001",
+    "lora:lr=0.001",
+]
+
+
+def test_every_study_spec_parses_and_names_what_exists(tmp_path: Path) -> None:
+    import importlib
+    import inspect
+
+    from benchmarks import run
+    from benchmarks.docs_report import BLOCKS
+
+    studies = run.studies()
+    assert {"controls", "decoder_check", "event_cost"} <= set(studies)
+    for name, study in studies.items():
+        module = importlib.import_module(study.harness)
+        assert inspect.signature(module.main).parameters, name  # called in-process with its argv
+        assert study.description and study.records, name
+        for rel in study.records + study.reports:
+            assert (ROOT / rel).is_file(), (name, rel)
+        for block in study.docs_blocks:
+            assert tuple(block.split(":", 1)) in BLOCKS, (name, block)
+    bad = tmp_path / "bad.toml"
+    bad.write_text((ROOT / "benchmarks/studies/event_cost.toml").read_text() + "typo = 1\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        run.load_study(bad)
+
+
+def _dry_run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> list[str]:
+    import shlex
+
+    from benchmarks import run
+
+    assert run.main([*argv, "--dry-run"]) == 0
+    return [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_runner_dry_run_gives_each_harness_its_argv(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import decoder_check, event_cost, quality
+
+    [cmd] = _dry_run(["controls", "--seeds", "3", "4"], capsys)
+    assert cmd[:3] == ["python", "-m", "benchmarks.quality"]
+    args = quality.parse_args(cmd[3:])
+    assert args.custom == CONTROLS_SPECS and args.seeds == [3, 4] and args.tasks == ["multiemo"] and args.threads == 1
+    assert args.runs_file == Path("benchmarks/results/controls_runs.jsonl")
+    assert args.report_file == Path("benchmarks/results/controls.json")
+    [cmd] = _dry_run(["controls", "--shard", "1/2"], capsys)
+    assert quality.parse_args(cmd[3:]).shard == "1/2" and quality.parse_args(cmd[3:]).seeds == [0, 1, 2, 3, 4]
+
+    [cmd] = _dry_run(["decoder_check", "--seeds", "2", "3", "4"], capsys)
+    assert cmd[:3] == ["python", "-m", "benchmarks.decoder_check"]
+    args, _ = decoder_check.parse_args(cmd[3:])
+    assert args.seeds == [2, 3, 4] and args.methods == ["flexlora", "lora"]
+    assert args.settings == decoder_check.Settings()  # "--svd_prune true --grace_events 1": the default check
+    assert args.work_dir == Path("outputs/decoder_v06")
+    assert (args.runs_file, args.report_file) == (decoder_check.DEFAULT_RUNS, decoder_check.DEFAULT_REPORT)
+
+    [cmd] = _dry_run(["event_cost"], capsys)
+    args = event_cost.parse_args(cmd[3:])
+    assert (args.threads, args.repeats, args.output) == (1, 10, "benchmarks/results/event_cost_v06.json")
+    recorded = json.loads((ROOT / "benchmarks/results/event_cost_v06.json").read_text())["config"]
+    assert vars(args) == recorded  # the arguments that made the committed record
+
+    # --report: each study's report step (the controls' as the committed report was made), then docs_report
+    cmds = _dry_run(["--report"], capsys)
+    assert cmds[-1] == ["python", "-m", "benchmarks.docs_report"]
+    [controls] = [c for c in cmds if c[2] == "benchmarks.quality"]
+    args = quality.parse_args(controls[3:])
+    assert args.report and args.runs_file == Path("benchmarks/results/controls_runs.jsonl")
+
+
+def test_runner_refuses_what_a_harness_cannot_take() -> None:
+    from benchmarks import run
+
+    with pytest.raises(SystemExit):
+        run.main(["decoder_check", "--shard", "0/2", "--dry-run"])  # runs its own --jobs workers
+    with pytest.raises(SystemExit):
+        run.main(["event_cost", "--seeds", "1", "--dry-run"])
+    with pytest.raises(SystemExit):
+        run.main(["no_such_study", "--dry-run"])
+
+
+def test_provenance_names_version_commit_machine_and_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flexlora_hf
+    from benchmarks.common import provenance
+
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "benchmarks" / "run.py"), "controls", "--seeds", "3", "4"])
+    prov = provenance()
+    assert set(prov) == {"flexlora_hf_version", "git_commit", "machine", "command"}
+    assert prov["flexlora_hf_version"] == flexlora_hf.__version__
+    assert isinstance(prov["git_commit"], str) and len(prov["git_commit"].removesuffix("+dirty")) == 40
+    assert "torch" in prov["machine"]
+    assert prov["command"] == "python -m benchmarks.run controls --seeds 3 4"
