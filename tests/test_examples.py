@@ -9,6 +9,7 @@ and on local csv/json/txt files, with a schedule short enough that reallocation 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -23,7 +24,7 @@ from helpers import sentences as _sentences
 from transformers import HfArgumentParser, TrainingArguments
 
 from flexlora_hf import FlexLoRAConfig
-from flexlora_hf.integrations.arguments import FlexLoRAArguments, parse_max_rank, parse_module_list
+from flexlora_hf.integrations.arguments import HELP_FIELDS, FlexLoRAArguments, parse_max_rank, parse_module_list
 
 
 def load_script(name: str) -> ModuleType:
@@ -74,7 +75,7 @@ def _assert_adapter_dir(out: Path) -> list[dict]:
 def test_flexlora_arguments_mirror_every_config_field():
     config_fields = {f.name for f in dataclasses.fields(FlexLoRAConfig)}
     arg_fields = {f.name for f in dataclasses.fields(FlexLoRAArguments)}
-    assert arg_fields == (config_fields - {"seed"}) | {"flexlora_seed"}
+    assert arg_fields == (config_fields - {"seed"}) | {"flexlora_seed", "flexlora_config"}
     # defaults and help strings follow the config
     defaults = FlexLoRAArguments().to_flexlora_config()
     assert defaults == FlexLoRAConfig()
@@ -109,6 +110,38 @@ def test_flexlora_arguments_parse_next_to_training_arguments(tmp_path):
     assert config.seed == 7  # follows --seed unless --flexlora_seed is given
     _, flexlora_args = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--flexlora_seed", "3"])
     assert flexlora_args.to_flexlora_config(seed=7).seed == 3
+
+
+def test_help_lists_the_flags_users_set_and_the_file_sets_the_rest(tmp_path):
+    """--help shows the common flags and --flexlora_config; the other fields come from that file (or hidden flags).
+    Precedence: flag > file > the config's default."""
+    parser = HfArgumentParser((TrainingArguments, FlexLoRAArguments))
+    shown = {a.dest for a in parser._actions if a.help != argparse.SUPPRESS} - {
+        a.dest for a in HfArgumentParser(TrainingArguments)._actions
+    }
+    assert shown == set(HELP_FIELDS) | {"flexlora_config"}
+    assert len(shown) <= 12
+    help_text = parser.format_help()
+    assert "--importance" not in help_text and "(default: 8)" in help_text and "(default: None)" not in help_text.split("--r R")[1][:200]
+
+    file = tmp_path / "flexlora.json"
+    file.write_text(json.dumps({"importance": "nuclear", "r": 4, "grace_events": 0, "target_modules": ["query"]}))
+    argv = ["--output_dir", str(tmp_path), "--flexlora_config", str(file), "--r", "6", "--svd_prune", "false"]
+    _, flexlora_args = parser.parse_args_into_dataclasses(argv)
+    config = flexlora_args.to_flexlora_config(seed=5)
+    assert (config.r, config.importance, config.grace_events, config.svd_prune) == (6, "nuclear", 0, False)
+    assert config.target_modules == ["query"] and config.lora_alpha == FlexLoRAConfig.lora_alpha and config.seed == 5
+
+    saved = tmp_path / "adapter"  # an adapter folder works as the file (its bookkeeping keys are skipped)
+    FlexLoRAConfig(r=3, b0=2, allocation="prune_only").save_pretrained(saved)
+    _, flexlora_args = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--flexlora_config", str(saved)])
+    assert flexlora_args.to_flexlora_config() == FlexLoRAConfig(r=3, b0=2, allocation="prune_only")
+
+    file.write_text(json.dumps({"importanse": "nuclear"}))
+    with pytest.raises(ValueError, match="importanse"):
+        flexlora_args.__class__(flexlora_config=str(file)).to_flexlora_config()
+    with pytest.raises(ValueError, match="cannot read"):
+        flexlora_args.__class__(flexlora_config=str(tmp_path / "missing.json")).to_flexlora_config()
 
 
 def test_flexlora_arguments_reject_bad_values(tmp_path):
