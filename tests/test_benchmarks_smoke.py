@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -184,10 +185,48 @@ def test_delta_norms_equal_peft_delta_weight(tmp_path: Path) -> None:
 
 
 def test_generated_doc_blocks_match_the_records() -> None:
-    # README's headline table and docs/benchmarks.md's v0.6 tables are rendered from benchmarks/results/; a record
+    # README's headline table and every table of docs/benchmarks.md are rendered from benchmarks/results/; a record
     # changed without `python -m benchmarks.docs_report` (or a block edited by hand) fails here.
     from benchmarks.docs_report import main
 
+    assert main(["--check"]) == 0
+
+
+# A benchmark figure: a decimal ratio, share or time ("1.013x", "70.9 %", "5.3 ms"), a memory size, or a spread
+# ("89.5 ± 4.0"). Not one: a version (v0.6), a rate (2e-3), a count of cores, steps or seeds.
+FIGURE = re.compile(r"(?<![\w.])\d+\.\d+ ?(?:x\b|×|%|ms\b|µs\b|s\b)|(?<![\w.])\d+(?:\.\d+)? ?(?:MiB|GiB)\b|±\s*\d")
+# figures that are not measurements: design.md's Adam bias-correction factors, computed from β₂
+NOT_MEASURED = {("docs/design.md", "1.35x"), ("docs/design.md", "3.16x")}
+GENERATED = re.compile(r"<!-- generated: (\S+) -->.*?<!-- /generated: \1 -->", re.S)
+
+
+def _prose(text: str) -> list[str]:
+    """The lines outside generated blocks and code fences (those become blank lines, so line numbers hold)."""
+    text = GENERATED.sub(lambda m: "\n" * m.group().count("\n"), text)
+    text = re.sub(r"^```.*?^```", lambda m: "\n" * m.group().count("\n"), text, flags=re.S | re.M)
+    return text.splitlines()
+
+
+def test_docs_restate_no_figure_outside_generated_blocks() -> None:
+    """Figures are generated, never copied: with the generated blocks stripped, README.md and docs/*.md (not the
+    research notes, which keep superseded figures as history) hold no benchmark figure, and every block they hold is
+    one docs_report renders."""
+    from benchmarks.docs_report import BLOCKS, main
+
+    for figure in ("1.013x", "89.5 ± 4.0", "5.3 ms", "70.9 %", "3049 MiB", "0.0010 %"):
+        assert FIGURE.search(f"a figure {figure} here"), figure
+    for other in ("v0.6 x", "2 cores", "lr 2e-3", "200 steps", "5 seeds", "Δ_T = 1000", "r 8", "20 % of the steps"):
+        assert not FIGURE.search(other), other
+    found, unknown = [], []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        rel = path.relative_to(ROOT).as_posix()
+        text = path.read_text()
+        unknown += [f"{rel}:{name}" for name in re.findall(r"<!-- generated: (\S+) -->", text) if (rel, name) not in BLOCKS]
+        for lineno, line in enumerate(_prose(text), 1):
+            found += [f"{rel}:{lineno}: {m.group()!r} in {line.strip()!r}" for m in FIGURE.finditer(line)
+                      if (rel, m.group()) not in NOT_MEASURED]
+    assert not found, "figures outside generated blocks (render them in benchmarks/docs_report.py):\n" + "\n".join(found)
+    assert not unknown, f"generated blocks docs_report does not render: {unknown}"
     assert main(["--check"]) == 0
 
 
