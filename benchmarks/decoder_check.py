@@ -79,6 +79,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from flexlora_hf.integrations.arguments import RENAMED_FIELDS
 from flexlora_hf.integrations.tasks.utils import BIGBENCH_SUBTASKS
 
 from .common import machine_info, mean_std, offline_env, pick_device, provenance, setup_logging, write_json
@@ -193,6 +194,10 @@ def _parse_flexlora(argv: Sequence[str]) -> Any:
 
 
 def _flag_value(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
@@ -230,14 +235,16 @@ def normalize_flags(flags: str, recipe: tuple[str, ...] = ()) -> str:
     drop_removed(removed, f"--flexlora-flags {flags!r}")
     if not rest:
         return ""
-    base, got = _parse_flexlora(recipe), _parse_flexlora([*recipe, *rest])
+    # Compare the configs the flags resolve to (FlexLoRAArguments' own defaults are None: "not given").
+    base = _parse_flexlora(recipe).to_flexlora_config()
+    got = _parse_flexlora([*recipe, *rest]).to_flexlora_config()
     out: list[str] = []
     for f in dataclasses.fields(got):
         value = getattr(got, f.name)
         if value != getattr(base, f.name):
             if value is None:
                 raise ValueError(f"--flexlora-flags: --{f.name} cannot be unset from the command line")
-            out += [f"--{f.name}", _flag_value(value)]
+            out += [f"--{RENAMED_FIELDS.get(f.name, f.name)}", _flag_value(value)]
     return shlex.join(out)
 
 
