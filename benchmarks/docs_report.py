@@ -384,14 +384,18 @@ def _controls_figure() -> str | None:
     return f"{', '.join(parts)}{stability}; {n} seeds"
 
 
-def markdown_of(name: str, what: str) -> Callable[[], str]:
-    """A block that is the `markdown` a benchmark's own `--report` wrote into its record."""
+def markdown_of(name: str, what: str, section: str | None = None) -> Callable[[], str]:
+    """A block that is the `markdown` a benchmark's own `--report` wrote into its record (from the paragraph that
+    starts with `section` on, when given: a quality.py study of custom runs only has empty selection tables before)."""
 
     def render() -> str:
         rec = _load(name)
         if rec is None:
             return f"*(no record yet: `benchmarks/results/{name}`; {what})*"
-        return f"From `benchmarks/results/{name}` ({what}):\n\n{rec['markdown'].strip()}"
+        text = rec["markdown"].strip()
+        if section is not None and section in text:
+            text = text[text.index(section):]
+        return f"From `benchmarks/results/{name}` ({what}):\n\n{text}"
 
     return render
 
@@ -419,7 +423,9 @@ BLOCKS: dict[tuple[str, str], Callable[[], str]] = {
     ("docs/benchmarks.md", "decoder-v06"): markdown_of(
         "decoder_check_intent_v06.json", "`python -m benchmarks.decoder_check --report`, v0.6 defaults"
     ),
-    ("docs/benchmarks.md", "controls"): markdown_of("controls.json", "`python -m benchmarks.quality --report`"),
+    ("docs/benchmarks.md", "controls"): markdown_of(
+        "controls.json", "`python -m benchmarks.run --report controls`", section="Custom runs"
+    ),
     ("docs/benchmarks.md", "event-cost"): event_cost,
     ("docs/benchmarks.md", "training-step"): training_step,
     ("docs/benchmarks.md", "inference"): inference,
