@@ -136,7 +136,7 @@ def test_quality_specs_keep_their_records_and_refuse_what_cannot_run() -> None:
 
 @pytest.mark.parametrize(
     ("runs", "report", "tasks"),
-    [("quality_runs.jsonl", "quality.json", []), ("controls_runs.jsonl", "controls.json", ["--tasks", "multiemo"])],
+    [("quality_runs.jsonl", "quality.json", []), ("controls_runs.jsonl", "controls.json", ["--tasks", "multiemo", "intent_recognition"])],
 )
 def test_quality_reports_still_render_from_the_committed_records(runs, report, tasks, tmp_path: Path) -> None:
     from benchmarks import quality
@@ -277,7 +277,7 @@ def test_runner_dry_run_gives_each_harness_its_argv(capsys: pytest.CaptureFixtur
     [cmd] = _dry_run(["controls", "--seeds", "3", "4"], capsys)
     assert cmd[:3] == ["python", "-m", "benchmarks.quality"]
     args = quality.parse_args(cmd[3:])
-    assert args.custom == CONTROLS_SPECS and args.seeds == [3, 4] and args.tasks == ["multiemo"] and args.threads == 1
+    assert args.custom == CONTROLS_SPECS and args.seeds == [3, 4] and args.tasks == ["multiemo", "intent_recognition"] and args.threads == 1
     assert args.runs_file == Path("benchmarks/results/controls_runs.jsonl")
     assert args.report_file == Path("benchmarks/results/controls.json")
     [cmd] = _dry_run(["controls", "--shard", "1/2"], capsys)
@@ -300,7 +300,7 @@ def test_runner_dry_run_gives_each_harness_its_argv(capsys: pytest.CaptureFixtur
     # --report: each study's report step (the controls' as the committed report was made), then docs_report
     cmds = _dry_run(["--report"], capsys)
     assert cmds[-1] == ["python", "-m", "benchmarks.docs_report"]
-    [controls] = [c for c in cmds if c[2] == "benchmarks.quality"]
+    [controls] = [c for c in cmds if c[2] == "benchmarks.quality" and "benchmarks/results/controls.json" in c]
     args = quality.parse_args(controls[3:])
     assert args.report and args.runs_file == Path("benchmarks/results/controls_runs.jsonl")
 
