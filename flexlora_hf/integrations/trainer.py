@@ -37,6 +37,7 @@ from ..adapter.model import FlexLoRAModel, get_flexlora_model
 from ..config import FlexLoRAConfig
 from ..io.history import write_rank_history
 from ..optim.surgery import (
+    LAMBDA_PARAM,
     check_optimizer_holds_adapter,
     check_optimizer_supported,
     check_state_layout,
@@ -242,7 +243,7 @@ class FlexLoRATrainerMixin(TrainerRestartMixin, TrainerCardMixin):
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         names = super().get_decay_parameter_names(model)  # type: ignore[misc]
-        return [n for n in names if "lora_lam" not in n]
+        return [n for n in names if n.rsplit(".", 1)[-1] != LAMBDA_PARAM]  # λ is never decayed
 
     # -------------------------------------------------------------- loss
     def compute_loss(

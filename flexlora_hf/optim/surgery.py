@@ -55,7 +55,7 @@ def lambda_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def lambda_groups(model: nn.Module, lr: float) -> list[dict]:
     """λ's param group (no weight decay, rate `lr`), empty if the model has no trainable λ."""
-    lam = [m.lora_lam for m in model.modules() if isinstance(m, FlexLoRALayer) and m.lora_lam.requires_grad]
+    lam = lambda_parameters(model)
     return [{"params": lam, "weight_decay": 0.0, "lr": lr}] if lam else []
 
 
