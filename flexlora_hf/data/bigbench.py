@@ -47,6 +47,11 @@ def _task_label(task: str, subtask: str | None) -> str:
     return f"{task}/{subtask}" if subtask else task
 
 
+def _check_fraction(validation_fraction: float) -> None:
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}.")
+
+
 def _examples(task_json: dict[str, Any], name: str) -> list[dict[str, Any]]:
     examples = task_json.get("examples")
     if not isinstance(examples, list) or not examples:
@@ -113,12 +118,43 @@ def load_bigbench_classification(
     Raises:
         ValueError: if the task's choices vary per row (use [`load_bigbench_multiple_choice`]) or no row is usable.
     """
+    _check_fraction(validation_fraction)  # before the archive is read (or downloaded)
+    name = _task_label(task, subtask)
+    return classification_from_task_json(
+        load_task_json(task, archive=archive, subtask=subtask),
+        name=name,
+        validation_fraction=validation_fraction,
+        seed=seed,
+        max_examples=max_examples,
+    )
+
+
+def classification_from_task_json(
+    task_json: dict[str, Any],
+    *,
+    name: str,
+    validation_fraction: float = 0.2,
+    seed: int = 42,
+    max_examples: int | None = None,
+) -> DatasetDict:
+    """The sequence-classification splits of a task already read as a BIG-bench ``task.json`` dictionary.
+
+    The reader behind [`load_bigbench_classification`], for task files that live elsewhere (the quickstart's
+    embedded ``examples/data/topics/task.json`` uses the same layout). Same rules for labels, dropped rows,
+    subsampling and splitting.
+
+    Args:
+        task_json (`dict`): the parsed ``task.json`` (an ``examples`` list of ``input`` + ``target_scores``).
+        name (`str`): the task's name in log lines and errors.
+        validation_fraction, seed, max_examples: see [`load_bigbench_classification`].
+
+    Returns:
+        `datasets.DatasetDict`: ``train`` and ``validation`` splits with columns ``text`` and ``label``.
+    """
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-    if not 0.0 <= validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}.")
-    name = _task_label(task, subtask)
-    examples = _examples(load_task_json(task, archive=archive, subtask=subtask), name)
+    _check_fraction(validation_fraction)
+    examples = _examples(task_json, name)
 
     choice_sets: Counter[frozenset[str]] = Counter()
     for ex in examples:
