@@ -76,6 +76,8 @@ TASKS: dict[str, dict[str, Any]] = {
     "strategyqa": {"max_len": 32},
     "epistemic_reasoning": {"max_len": 80},
     "hyperbaton": {"max_len": 64},
+    # the quickstart's embedded 13-topic set (examples/data/README.md): no BIG-bench archive needed
+    "topics": {"max_len": 48, "file": "examples/data/topics/task.json"},
 }
 STUDY_TASKS = ("intent_recognition", "multiemo", "logical_fallacy_detection")
 ABLATION_TASK = "intent_recognition"
@@ -215,9 +217,13 @@ def load_task(task: str, n_train: int, n_eval: int, tokenizer: Any) -> Any:
     key = (task, n_train, n_eval)
     if key in _DATA_CACHE:
         return _DATA_CACHE[key]
-    from flexlora_hf.data.bigbench import load_bigbench_classification
+    from flexlora_hf.data.bigbench import classification_from_task_json, load_bigbench_classification
 
-    ds = load_bigbench_classification(task, subtask=TASKS[task].get("subtask"), validation_fraction=0.2, seed=42)
+    if "file" in TASKS[task]:
+        task_json = json.loads((Path(__file__).resolve().parent.parent / TASKS[task]["file"]).read_text())
+        ds = classification_from_task_json(task_json, name=task, validation_fraction=0.2, seed=42)
+    else:
+        ds = load_bigbench_classification(task, subtask=TASKS[task].get("subtask"), validation_fraction=0.2, seed=42)
     train, val = ds["train"], ds["validation"]
     train = train.shuffle(seed=42).select(range(min(n_train, len(train))))
     val = val.shuffle(seed=42).select(range(min(n_eval, len(val))))
