@@ -33,7 +33,7 @@ from .choices import (  # noqa: F401 -- also re-exported: their historical home
     parse_module_list,
     steps_of,
 )
-from .constants import CONFIG_NAME
+from .constants import CONFIG_NAME, ENTROPY_EPS, GAUSSIAN_INIT_STD, SMALL_INIT_VALUE
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +52,9 @@ REMOVED_FIELDS: dict[str, Any] = {
     "basis_lr_ratio": 1.0,  # P and Q at the optimizer's rate (the paper's single rate)
     "lam_lr_rule": "constant",  # λ at the optimizer's rate
     "lam_lr_ratio": 1.0,
-    "init_scale": 0.02,  # std of the gaussian basis: AdaLoRA's
-    "small_init_value": 1e-3,  # λ of a new direction under expansion_init="small"
-    "entropy_eps": 1e-12,  # ε of eq. 3
+    "init_scale": GAUSSIAN_INIT_STD,  # std of the gaussian basis: AdaLoRA's
+    "small_init_value": SMALL_INIT_VALUE,  # λ of a new direction under expansion_init="small"
+    "entropy_eps": ENTROPY_EPS,  # ε of eq. 3
     "min_rank": 1,  # no matrix is pruned below rank 1 (the paper)
     "adam_reset": "slot_age",  # each new direction is bias-corrected by its own age
 }

@@ -11,6 +11,12 @@ from pathlib import Path
 
 __version__ = "0.7.0"
 
+# ------------------------------------------------------------------------------------------------------ numerics
+# Values that were config fields until 0.7.0 (config.REMOVED_FIELDS maps the old keys to them).
+ENTROPY_EPS = 1e-12  # ε of eq. 3: keeps log(p) finite for a zero singular value
+GAUSSIAN_INIT_STD = 0.02  # std of the gaussian basis (init_basis="gaussian"): AdaLoRA's
+SMALL_INIT_VALUE = 1e-3  # λ of a new direction under expansion_init="small" (Table 6)
+
 # ---------------------------------------------------------------------------------------------- the adapter folder
 CONFIG_NAME = "flexlora_config.json"
 FLEXLORA_CONFIG_NAME = CONFIG_NAME

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import INIT_BASES
+from ..constants import GAUSSIAN_INIT_STD, SMALL_INIT_VALUE
 from ..functional.spectrum import factored_svd, gram_singular_values
 from .directions import gaussian_direction, initial_directions, orthogonalize
 
@@ -86,7 +87,7 @@ class FlexLoRALayer(nn.Module):
         capacity: int,
         lora_alpha: float,
         lora_dropout: float = 0.0,
-        init_scale: float = 0.02,
+        init_scale: float = GAUSSIAN_INIT_STD,
         init_basis: str = "orthonormal",
         generator: torch.Generator | None = None,
     ) -> None:
@@ -295,7 +296,7 @@ class FlexLoRALayer(nn.Module):
         generator: torch.Generator,
         *,
         init: str = "zero_impact",
-        small_value: float = 1e-3,
+        small_value: float = SMALL_INIT_VALUE,
         step: int | None = None,
     ) -> int:
         """Activate slot `rank` as a new direction. Returns the slot.

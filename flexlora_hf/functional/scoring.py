@@ -26,6 +26,7 @@ import math
 import torch
 
 from ..config import IMPORTANCE_METRICS
+from ..constants import ENTROPY_EPS
 
 
 def _as_batch(lam: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +47,7 @@ def _entropy_terms(lam: torch.Tensor, mask: torch.Tensor, eps: float) -> tuple[t
 
 
 def importance_batched(
-    lam: torch.Tensor, mask: torch.Tensor | None = None, *, metric: str = "entropy", eps: float = 1e-12
+    lam: torch.Tensor, mask: torch.Tensor | None = None, *, metric: str = "entropy", eps: float = ENTROPY_EPS
 ) -> torch.Tensor:
     """Score M matrices at once.
 
@@ -86,7 +87,7 @@ def importance_batched(
     return torch.where(degenerate, torch.zeros_like(score), score)
 
 
-def spectral_entropy(lam: torch.Tensor, *, eps: float = 1e-12) -> float:
+def spectral_entropy(lam: torch.Tensor, *, eps: float = ENTROPY_EPS) -> float:
     """Normalised spectral entropy of eq. 3 over the given (active) singular values, in [0, 1].
 
     `I(Λ) = -1/log r · Σ s_i log(s_i + ε)`, `s_i = λ_i² / Σ_j λ_j²`. It is 1 for a uniform spectrum, tends to 0 as
@@ -101,7 +102,7 @@ def spectral_entropy(lam: torch.Tensor, *, eps: float = 1e-12) -> float:
     return float(importance_batched(lam, metric="entropy", eps=eps)[0])
 
 
-def importance(lam: torch.Tensor, *, metric: str = "entropy", eps: float = 1e-12) -> float:
+def importance(lam: torch.Tensor, *, metric: str = "entropy", eps: float = ENTROPY_EPS) -> float:
     """Any supported metric for one matrix's active singular values (see `importance_batched`)."""
     lam = torch.as_tensor(lam).reshape(1, -1)
     return float(importance_batched(lam, metric=metric, eps=eps)[0])
