@@ -429,6 +429,9 @@ BLOCKS: dict[tuple[str, str], Callable[[], str]] = {
     ("docs/benchmarks.md", "deviations-v06"): markdown_of(
         "ablations_v06.json", "`python -m benchmarks.run --report deviations_v06`", section="Custom runs"
     ),
+    ("docs/benchmarks.md", "topics"): markdown_of(
+        "topics.json", "`python -m benchmarks.run --report topics`", section="Custom runs"
+    ),
     ("docs/benchmarks.md", "event-cost"): event_cost,
     ("docs/benchmarks.md", "training-step"): training_step,
     ("docs/benchmarks.md", "inference"): inference,
