@@ -121,18 +121,30 @@ def headline() -> str:
         rows.append(f"| Unmerged inference CPU time, SmolLM2-135M | {ratio:.3f}x | 1 | v0.2 | `inference_smollm2_v2.json` |")
     rows += _decoder_row("decoder_check_intent_loralike.json", "v0.5")
     rows += _decoder_row("decoder_check_intent_v06.json", "v0.6")
-    controls = _load("controls.json")
-    for task, methods in (controls or {}).get("custom", {}).items():
-        # the library defaults at LoRA's rate, however the spec names them (the records: with the study's legacy keys)
-        lr = _lora_lr(methods)
-        default = next((v for k, v in sorted(methods.items()) if is_library_default(k) and _at(k, lr)), None)
-        lora = methods.get(f"lora:lr={lr}")
-        if default and lora:
-            rows.append(
-                f"| MiniLM-L6, BIG-bench {task}, at LoRA's rate, {default['stats']['n']} seeds "
-                f"| {_pm(default['stats'])} | {_pm(lora['stats'])} | v0.6 | `controls.json` |"
-            )
+    for name, data, rate in (("controls.json", "BIG-bench {task}", "at LoRA's rate"),
+                             ("topics.json", "the embedded topic set", "one rate for both")):
+        study = _load(name)
+        for task, methods in (study or {}).get("custom", {}).items():
+            # the library defaults at LoRA's rate, however the spec names them (controls: the study's legacy keys)
+            lr = _lora_lr(methods)
+            default = next((v for k, v in sorted(methods.items()) if is_library_default(k) and _at(k, lr)), None)
+            lora = methods.get(f"lora:lr={lr}")
+            if default and lora:
+                rows.append(
+                    f"| MiniLM-L6, {data.format(task=task)}, {rate}, {default['stats']['n']} seeds "
+                    f"| {_pm(default['stats'])} | {_pm(lora['stats'])} | {_study_version(name)} | `{name}` |"
+                )
     return "\n".join(rows)
+
+
+def _study_version(name: str) -> str:
+    """The library version that measured a study's report: `VERSIONS` for records that predate provenance, else the
+    version its runs name (``v0.7`` for 0.7.x)."""
+    if name in VERSIONS:
+        return VERSIONS[name]
+    runs = _load_runs(name.replace(".json", "_runs.jsonl")) or []
+    versions = sorted({".".join(r["provenance"]["flexlora_hf_version"].split(".")[:2]) for r in runs if "provenance" in r})
+    return ", ".join(f"v{v}" for v in versions) or "?"
 
 
 def _at(method: str, lr: str) -> bool:
