@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import transformers
-from helpers import sentences, tiny_bert, tiny_llama
+from helpers import sentences, tiny_bert, tiny_llama, train_bpe_tokenizer
 from hub_stub import local_hub_fixture  # noqa: F401 - registers the `local_hub` fixture for every test module
 
 
@@ -40,22 +40,12 @@ def _restore_logging():
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A 300-token byte-level BPE tokenizer trained on local text (about a second), saved as an HF folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     corpus = [text for text, _ in sentences(400)]
     corpus += Path(transformers.__file__).read_text(encoding="utf-8").splitlines()[:400]
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
+    fast = train_bpe_tokenizer(
+        corpus,
+        vocab_size=300,
+        special=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"],
         pad_token="[PAD]",
         cls_token="[CLS]",
         sep_token="[SEP]",

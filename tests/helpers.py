@@ -276,3 +276,21 @@ def sentences(n: int, seed: int = 0) -> list[tuple[str, int]]:
         word = rng.choice(POSITIVE if label else NEGATIVE)
         rows.append((f"the {rng.choice(NOUNS)} was {word} and the {rng.choice(NOUNS)} was {rng.choice(NOUNS)}", label))
     return rows
+
+
+def train_bpe_tokenizer(corpus: list[str], *, vocab_size: int, special: list[str], **tokens: Any) -> Any:
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on `corpus` in about a second (never a Hub download).
+
+    `special` lists the special tokens in vocabulary order; `tokens` are the tokenizer's keyword arguments (e.g.
+    ``pad_token="[PAD]"``, ``model_max_length=128``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", **tokens)

@@ -18,7 +18,7 @@ import yaml
 trl = pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
-from helpers import ADAPTER_FILES, tiny_llama  # noqa: E402
+from helpers import ADAPTER_FILES, tiny_llama, train_bpe_tokenizer  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
@@ -79,20 +79,11 @@ def message_rows(n: int = 64, seed: int = 0) -> list[dict[str, list[dict[str, st
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
     """A ~250-token byte-level BPE tokenizer with ChatML special tokens and chat template (trained in < 1 s)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     corpus = [f"{r['prompt']} {r['completion']} user assistant" for r in completion_rows(300, seed=9)]
-    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    special = ["[PAD]", "[UNK]", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=250, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
+    fast = train_bpe_tokenizer(
+        corpus,
+        vocab_size=250,
+        special=["[PAD]", "[UNK]", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
         pad_token="[PAD]",
         bos_token="<s>",
         eos_token="</s>",
