@@ -337,7 +337,7 @@ def summary() -> str:
 
     def row(question: str, name: str, figure: str | None, link: str) -> None:
         rows.append(f"| {question} | {figure if figure is not None else _missing(name)} "
-                    f"| {VERSIONS[name] if figure is not None else '-'} | {link} |")
+                    f"| {_study_version(name) if figure is not None else '-'} | {link} |")
 
     cost = _load("cost_smollm2_v04.json")
     row("Training step, CPU time vs PEFT LoRA", "cost_smollm2_v04.json", cost and (
@@ -359,6 +359,8 @@ def summary() -> str:
         "[MiniLM drop-in](#quality-minilm-l6-at-loras-learning-rate-v05)")
     row("Reallocation controls, MiniLM-L6 multiemo at LoRA's rate", "controls.json", _controls_figure(),
         "[Controls](#v06-reallocation-what-has-been-measured)")
+    row("Reallocation controls and AdaLoRA, MiniLM-L6 on the embedded topic set", "topics.json",
+        _controls_figure("topics.json", "topics"), "[Topic set](#controls-adalora-and-tables-4-6-on-the-embedded-topic-set)")
     decoder = _decoder_figure("decoder_check_intent_v06.json")
     row("SmolLM2-135M 4-bit decoder, held-out lm-eval (recipe format)", "decoder_check_intent_v06.json",
         decoder and f"{decoder[0]} ({decoder[1]})", "[Decoder check](#v06-reallocation-what-has-been-measured)")
@@ -370,9 +372,14 @@ def summary() -> str:
     return "\n".join(rows)
 
 
-def _controls_figure() -> str | None:
-    rec = _load("controls.json")
-    methods = (rec or {}).get("custom", {}).get("multiemo")
+def _has(method: str, override: str) -> bool:
+    """Whether a method spec sets `override` (``b0=0``), whatever its place in the spec."""
+    return override in method.partition(":")[2].split(",")
+
+
+def _controls_figure(name: str = "controls.json", task: str = "multiemo") -> str | None:
+    rec = _load(name)
+    methods = (rec or {}).get("custom", {}).get(task)
     if not methods:
         return None
     lr = _lora_lr(methods)
@@ -380,13 +387,14 @@ def _controls_figure() -> str | None:
     parts = []
     for label, entry in (
         ("default", default),
-        ("no reallocation (b0=0)", next((v for k, v in methods.items() if ",b0=0," in k), None)),
-        ("random reallocation", next((v for k, v in methods.items() if "importance=random" in k), None)),
+        ("no reallocation (b0=0)", next((v for k, v in methods.items() if _has(k, "b0=0")), None)),
+        ("random reallocation", next((v for k, v in methods.items() if _has(k, "importance=random")), None)),
         ("LoRA", methods.get(f"lora:lr={lr}")),
+        ("AdaLoRA", methods.get(f"adalora:lr={lr}")),
     ):
         if entry:
             parts.append(f"{label} {_pm(entry['stats'])}")
-    random = next((v for k, v in methods.items() if "importance=random" in k), None)
+    random = next((v for k, v in methods.items() if _has(k, "importance=random")), None)
     n = default["stats"]["n"] if default else 0
     stability = ""
     if default and default.get("rank_stability") is not None:
